@@ -1,0 +1,1 @@
+"""Offline trainer: datasets, encoders, backbones, stage 1 and stage 2 (PTMRec)."""

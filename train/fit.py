@@ -1,0 +1,133 @@
+"""The training loop: one visible `fit()` with MMRec's early stopping and test-at-best-valid.
+
+Every epoch: on_epoch_start, shuffled batches with fresh negatives, Adam steps, LR schedule, full
+validation; test is evaluated when validation strictly improves (the figure MMRec reports); a
+checkpoint holding model, optimizer, schedule, RNG and early-stopping state is written atomically so
+that `resume=True` continues from the last finished epoch with the same result.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from train import checkpoint
+from train.backbones import Backbone
+from train.config import EvalConfig, OptimConfig
+from train.data import Dataset
+from train.evaluate import Evaluator, embedding_score_fn
+from train.sampling import NegativeSampler, epoch_batches
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class FitState:
+    """Everything that must survive a restart besides model and optimizer."""
+
+    epoch: int = -1                     # last finished epoch
+    best_valid: float = -math.inf
+    best_epoch: int = -1
+    bad_evals: int = 0
+    best_valid_metrics: dict = field(default_factory=dict)
+    best_test_metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def evaluate_model(model: Backbone, evaluator: Evaluator) -> dict[str, float]:
+    """Propagate once and rank all items for the evaluator's users."""
+    model.eval()
+    with torch.no_grad():
+        users, items = model.embeddings()
+        return evaluator.run(embedding_score_fn(users, items))
+
+
+def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> None:
+    """Write the resumable checkpoint of the last finished epoch."""
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                            "torch_rng": torch.get_rng_state(), "state": state.__dict__},
+                           run_dir / CHECKPOINT)
+
+
+def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
+    """Load the last checkpoint into the live objects."""
+    ck = checkpoint.load(run_dir / CHECKPOINT)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    generator.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
+    log.info("resumed from %s after epoch %d", run_dir / CHECKPOINT, ck["state"]["epoch"])
+    return FitState(**ck["state"])
+
+
+def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: EvalConfig,
+        run_dir: Path, seed: int, device: torch.device, resume: bool = False,
+        max_epochs_this_call: int | None = None) -> FitState:
+    """Train with early stopping on validation; returns the final state (best epoch, metrics)."""
+    generator = torch.Generator().manual_seed(seed)
+    train_pairs = torch.from_numpy(dataset.train)
+    sampler = NegativeSampler(dataset.train, dataset.n_items)
+    valid_eval = Evaluator(dataset, "valid", eval_cfg.ks, eval_cfg.batch_size)
+    test_eval = Evaluator(dataset, "test", eval_cfg.ks, eval_cfg.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=optim_cfg.learning_rate,
+                                 weight_decay=optim_cfg.weight_decay)
+    s0, s1 = optim_cfg.lr_scheduler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: s0 ** (e / s1))
+    state = FitState()
+    if resume and (run_dir / CHECKPOINT).is_file():
+        state = _restore(run_dir, model, optimizer, scheduler, generator)
+    epochs = range(state.epoch + 1, optim_cfg.epochs)
+    if max_epochs_this_call is not None:
+        epochs = epochs[:max_epochs_this_call]
+    bar = tqdm(epochs, desc="epochs", unit="ep", dynamic_ncols=True)
+    for epoch in bar:
+        if state.bad_evals > eval_cfg.patience:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        model.on_epoch_start(generator)
+        total, n_batches = 0.0, 0
+        for batch in epoch_batches(train_pairs, sampler, optim_cfg.batch_size, generator):
+            loss = model.loss(_to(batch, device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n_batches = total + loss.item(), n_batches + 1
+        scheduler.step()
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        valid = evaluate_model(model, valid_eval)
+        record = {"epoch": epoch, "loss": total / max(1, n_batches), "valid": valid,
+                  "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1}
+        score = valid[eval_cfg.valid_metric]
+        if score > state.best_valid:
+            state.best_valid, state.best_epoch, state.bad_evals = score, epoch, 0
+            state.best_valid_metrics = valid
+            state.best_test_metrics = record["test"] = evaluate_model(model, test_eval)
+            checkpoint.save_atomic(model.state_dict(), run_dir / BEST)
+        else:
+            state.bad_evals += 1
+        state.epoch = epoch
+        state.history.append(record)
+        _save(run_dir, model, optimizer, scheduler, generator, state)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", valid=f"{score:.4f}",
+                        best=f"{state.best_valid:.4f}@{state.best_epoch}")
+    return state
+
+
+def _to(batch, device: torch.device):
+    """Move a batch to the training device."""
+    if device.type == "cpu":
+        return batch
+    return type(batch)(batch.users.to(device), batch.pos.to(device), batch.neg.to(device))

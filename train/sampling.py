@@ -1,0 +1,60 @@
+"""Training batches as MMRec builds them: shuffled train pairs, one uniform negative each.
+
+Negatives are uniform over the items of the TRAIN split and never in the user's training set
+(MMRec dataloader `_sample_neg_ids`); rejection sampling is vectorised in rounds, not per sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    """A batch of (user, positive item, negative item) index triples."""
+
+    users: torch.Tensor  # (B,)
+    pos: torch.Tensor    # (B,)
+    neg: torch.Tensor    # (B,)
+
+
+class NegativeSampler:
+    """Uniform negatives from a candidate pool, rejecting each user's training items."""
+
+    def __init__(self, train: np.ndarray, n_items: int, pool: np.ndarray | None = None,
+                 max_rounds: int = 100):
+        self.n_items = n_items
+        self.keys = torch.from_numpy(np.unique(train[:, 0] * n_items + train[:, 1]))
+        self.pool = torch.from_numpy(np.unique(train[:, 1]) if pool is None else pool)
+        self.max_rounds = max_rounds
+
+    def _seen(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Whether each (user, item) pair is a training interaction."""
+        q = users * self.n_items + items
+        pos = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
+        return self.keys[pos] == q
+
+    def sample(self, users: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One negative per user entry."""
+        neg = self.pool[torch.randint(len(self.pool), users.shape, generator=generator)]
+        todo = torch.nonzero(self._seen(users, neg)).squeeze(1)
+        for _ in range(self.max_rounds):
+            if len(todo) == 0:
+                return neg
+            neg[todo] = self.pool[torch.randint(len(self.pool), todo.shape, generator=generator)]
+            todo = todo[self._seen(users[todo], neg[todo])]
+        raise RuntimeError(f"{len(todo)} users have interacted with (nearly) every candidate "
+                           f"item; no negative found in {self.max_rounds} rounds")
+
+
+def epoch_batches(train: torch.Tensor, sampler: NegativeSampler, batch_size: int,
+                  generator: torch.Generator) -> Iterator[Batch]:
+    """Shuffle the (E, 2) training pairs, draw all negatives at once, yield batches."""
+    order = torch.randperm(len(train), generator=generator)
+    users, pos = train[order, 0], train[order, 1]
+    neg = sampler.sample(users, generator)
+    for s in range(0, len(users), batch_size):
+        yield Batch(users[s:s + batch_size], pos[s:s + batch_size], neg[s:s + batch_size])

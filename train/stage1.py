@@ -1,0 +1,71 @@
+"""Stage 1: train a recommendation backbone and write the run directory.
+
+RUN_DIR holds the resolved `config.yaml`, `checkpoint.pt` (resumable), `best.pt` (weights at the
+best validation epoch), `metrics.json` and `plots/curves.png`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.backbones import BackboneInputs, build_backbone
+from train.config import TrainConfig, dump_config
+from train.data import Dataset, load_dataset
+from train.fit import FitState, fit
+from train.plots import plot_curves
+
+log = logging.getLogger(__name__)
+REPORT_KEYS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def backbone_inputs(dataset: Dataset, device: torch.device) -> BackboneInputs:
+    """Tensors a backbone is built from."""
+    train = torch.from_numpy(dataset.train).to(device)
+    feats = {m: torch.from_numpy(f).to(device) for m, f in dataset.features.items()}
+    return BackboneInputs(dataset.n_users, dataset.n_items, train[:, 0], train[:, 1], feats)
+
+
+def metrics_summary(state: FitState) -> dict:
+    """The metrics.json payload."""
+    return {"valid": state.best_valid_metrics, "test": state.best_test_metrics,
+            "best_epoch": state.best_epoch, "epochs_run": state.epoch + 1,
+            "epoch_seconds": [h["train_seconds"] for h in state.history],
+            "eval_seconds": [h["eval_seconds"] for h in state.history]}
+
+
+def metrics_table(metrics: dict) -> str:
+    """Markdown table of the valid and test figures at the best validation epoch."""
+    keys = [k for k in REPORT_KEYS if k in metrics["test"]]
+    lines = ["| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for split in ("valid", "test"):
+        lines.append(f"| {split} | " + " | ".join(f"{metrics[split][k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False,
+               max_epochs_this_call: int | None = None) -> dict:
+    """Load data, build the backbone, fit it, and write config, metrics and curves."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed)
+    dataset = load_dataset(cfg.data.path)
+    log.info(dataset.summary())
+    model = build_backbone(cfg.backbone, backbone_inputs(dataset, device)).to(device)
+    state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
+                max_epochs_this_call)
+    metrics = metrics_summary(state)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_curves(state.history, run_dir / "plots" / "curves.png", cfg.eval.valid_metric)
+    return metrics
