@@ -65,7 +65,7 @@ class Evaluator:
         discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64))  # (K,)
         cum_discount = torch.cumsum(discount, 0)
         for b in self.batches:
-            scores = score_fn(b.users).float()                         # (b, I)
+            scores = score_fn(b.users).float().clone()                 # (b, I), never a view
             scores[b.mask_rows.to(scores.device), b.mask_cols.to(scores.device)] = -torch.inf
             top = torch.topk(scores, kmax, dim=1).indices.cpu()         # (b, K)
             keys = torch.arange(len(b.users)).unsqueeze(1) * self.n_items + top

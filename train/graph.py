@@ -10,7 +10,6 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
 
 
 class _SymmetricSpMM(torch.autograd.Function):
@@ -34,7 +33,8 @@ def sym_spmm(adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def sparse_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                size: tuple[int, int]) -> torch.Tensor:
     """Build a coalesced CSR matrix from COO triplets (duplicates are summed)."""
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size).coalesce()
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size,
+                                  check_invariants=False).coalesce()
     return coo.to_sparse_csr()
 
 

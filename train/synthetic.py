@@ -107,12 +107,13 @@ def sample_preferences(rng: np.random.Generator, n_users: int) -> Preferences:
                        style=_peaked(rng, n_users, len(STYLES), 2, 0.8))
 
 
-def affinity_logits(prefs: Preferences, cat: Catalogue, pop_weight: float) -> np.ndarray:
+def affinity_logits(prefs: Preferences, cat: Catalogue, pop_weight: float,
+                    users: slice = slice(None)) -> np.ndarray:
     """User-item logits: sum of log attribute preferences plus weighted log-popularity, (U, I)."""
-    logits = np.log(prefs.category[:, cat.category])  # (U, I)
-    logits += np.log(prefs.colour[:, cat.colour])
-    logits += np.log(prefs.pattern[:, cat.pattern])
-    logits += np.log(prefs.style[:, cat.style])
+    logits = np.log(prefs.category[users][:, cat.category])  # (U, I)
+    logits += np.log(prefs.colour[users][:, cat.colour])
+    logits += np.log(prefs.pattern[users][:, cat.pattern])
+    logits += np.log(prefs.style[users][:, cat.style])
     logits += pop_weight * np.log(cat.popularity)[None, :]
     return logits
 
@@ -125,12 +126,21 @@ def sample_counts(rng: np.random.Generator, n_users: int, n_items: int,
     return np.clip(raw, 5, high).astype(np.int64)
 
 
-def sample_interactions(rng: np.random.Generator, logits: np.ndarray,
-                        counts: np.ndarray) -> list[np.ndarray]:
+def sample_interactions(rng: np.random.Generator, prefs: Preferences, cat: Catalogue,
+                        pop_weight: float, counts: np.ndarray,
+                        block: int = 1024) -> list[np.ndarray]:
     """Sample `counts[u]` distinct items per user from softmax(logits[u]) via Gumbel top-k."""
-    keys = logits + rng.gumbel(size=logits.shape)  # (U, I)
-    top = np.argsort(-keys, axis=1, kind="stable")[:, : int(counts.max())]  # (U, kmax)
-    return [top[u, : counts[u]] for u in range(len(counts))]
+    out: list[np.ndarray] = []
+    for start in range(0, len(counts), block):
+        users = slice(start, start + block)
+        keys = affinity_logits(prefs, cat, pop_weight, users)  # (b, I)
+        keys += rng.gumbel(size=keys.shape)
+        kmax = int(counts[users].max())
+        top = np.argpartition(-keys, kmax - 1, axis=1)[:, :kmax]  # (b, kmax) unordered
+        order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)  # (b, kmax) by decreasing key
+        out.extend(top[j, :c] for j, c in enumerate(counts[users]))
+    return out
 
 
 def split_labels(n: int) -> np.ndarray:
@@ -224,7 +234,7 @@ def _check_args(seed: int, n_users: int, n_items: int, image_size: int,
 
 def generate(out: Path, n_users: int, n_items: int, seed: int, image_size: int = 64,
              mean_interactions: float = 20.0, missing_text: float = 0.02,
-             missing_image: float = 0.02, pop_weight: float = 0.5, name: str = "synthetic",
+             missing_image: float = 0.02, pop_weight: float = 1.0, name: str = "synthetic",
              overwrite: bool = False) -> Path:
     """Write a synthetic dataset directory to `out` and return it; deterministic per seed."""
     _check_args(seed, n_users, n_items, image_size, mean_interactions, missing_text, missing_image)
@@ -239,7 +249,7 @@ def generate(out: Path, n_users: int, n_items: int, seed: int, image_size: int =
     cat = sample_catalogue(rng_items, n_items)
     prefs = sample_preferences(rng_users, n_users)
     counts = sample_counts(rng_inter, n_users, n_items, mean_interactions)
-    per_user = sample_interactions(rng_inter, affinity_logits(prefs, cat, pop_weight), counts)
+    per_user = sample_interactions(rng_inter, prefs, cat, pop_weight, counts)
     rows = interaction_rows(rng_inter, per_user, cat, prefs)
     lines = [INTER_HEADER] + ["\t".join(map(str, r)) for r in rows.tolist()]
     (out / f"{name}.inter").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -265,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-interactions", type=float, default=20.0, help="mean per user")
     p.add_argument("--missing-text", type=float, default=0.02, help="fraction without text")
     p.add_argument("--missing-image", type=float, default=0.02, help="fraction without image")
-    p.add_argument("--pop-weight", type=float, default=0.5, help="weight of log-popularity")
+    p.add_argument("--pop-weight", type=float, default=1.0, help="weight of log-popularity")
     p.add_argument("--name", default="synthetic", help="stem of the .inter file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     return p

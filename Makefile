@@ -1,0 +1,27 @@
+# One-command setup, demo and tests. `make setup` is idempotent: it reinstalls only when
+# pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,serve,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m train.synthetic --out $(DEMO)/data --users 800 --items 400 --seed 7
+	$(PY) -m train --config configs/demo.yaml --out $(DEMO)/run
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache
