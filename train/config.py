@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from train.backbones import BackboneConfig
+from train.coldstart import ColdStartConfig
+from train.heads import HeadsConfig
 
 
 class Strict(BaseModel):
@@ -63,6 +65,8 @@ class TrainConfig(Strict):
     backbone: BackboneConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    heads: HeadsConfig | None = None
+    cold_start: ColdStartConfig | None = None
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of this config."""

@@ -21,7 +21,8 @@ from train.backbones import Backbone
 from train.config import EvalConfig, OptimConfig
 from train.data import Dataset
 from train.evaluate import Evaluator, embedding_score_fn
-from train.sampling import NegativeSampler, epoch_batches
+from train.heads import ContentHeads
+from train.sampling import Batch, NegativeSampler, epoch_batches
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -49,6 +50,23 @@ def evaluate_model(model: Backbone, evaluator: Evaluator) -> dict[str, float]:
         return evaluator.run(embedding_score_fn(users, items))
 
 
+def _kt_targets(model: Backbone, heads: ContentHeads | None):
+    """Detached (users, items) snapshot that defines p_id for the content heads this epoch."""
+    if heads is None:
+        return None
+    with torch.no_grad():
+        return model.embeddings() if heads.cfg.target == "final" else model.id_embeddings()
+
+
+def _batch_loss(model: Backbone, heads: ContentHeads | None, targets, features, batch: Batch):
+    """Backbone loss plus, when content heads are trained, their knowledge-transfer loss."""
+    loss = model.loss(batch)
+    if heads is not None:
+        feats = {m: f.index_select(0, batch.pos) for m, f in features.items()}
+        loss = loss + heads.kt_loss(targets[0][batch.users], targets[1][batch.pos], feats)
+    return loss
+
+
 def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> None:
     """Write the resumable checkpoint of the last finished epoch."""
     checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -71,20 +89,26 @@ def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
 
 def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: EvalConfig,
         run_dir: Path, seed: int, device: torch.device, resume: bool = False,
-        max_epochs_this_call: int | None = None) -> FitState:
-    """Train with early stopping on validation; returns the final state (best epoch, metrics)."""
+        max_epochs_this_call: int | None = None, heads: ContentHeads | None = None,
+        features: dict[str, torch.Tensor] | None = None) -> FitState:
+    """Train with early stopping on validation; returns the final state (best epoch, metrics).
+
+    With `heads`, the content heads train jointly on the KT loss against a per-epoch snapshot of
+    the backbone's embeddings; `features` are the item features they read (on `device`).
+    """
+    modules = torch.nn.ModuleDict({"backbone": model} | ({"heads": heads} if heads else {}))
     generator = torch.Generator().manual_seed(seed)
     train_pairs = torch.from_numpy(dataset.train)
     sampler = NegativeSampler(dataset.train, dataset.n_items)
     valid_eval = Evaluator(dataset, "valid", eval_cfg.ks, eval_cfg.batch_size)
     test_eval = Evaluator(dataset, "test", eval_cfg.ks, eval_cfg.batch_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=optim_cfg.learning_rate,
+    optimizer = torch.optim.Adam(modules.parameters(), lr=optim_cfg.learning_rate,
                                  weight_decay=optim_cfg.weight_decay)
     s0, s1 = optim_cfg.lr_scheduler
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: s0 ** (e / s1))
     state = FitState()
     if resume and (run_dir / CHECKPOINT).is_file():
-        state = _restore(run_dir, model, optimizer, scheduler, generator)
+        state = _restore(run_dir, modules, optimizer, scheduler, generator)
     epochs = range(state.epoch + 1, optim_cfg.epochs)
     if max_epochs_this_call is not None:
         epochs = epochs[:max_epochs_this_call]
@@ -93,11 +117,12 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
         if state.bad_evals > eval_cfg.patience:
             break
         t0 = time.perf_counter()
-        model.train()
+        modules.train()
         model.on_epoch_start(generator)
+        targets = _kt_targets(model, heads)
         total, n_batches = 0.0, 0
         for batch in epoch_batches(train_pairs, sampler, optim_cfg.batch_size, generator):
-            loss = model.loss(_to(batch, device))
+            loss = _batch_loss(model, heads, targets, features, _to(batch, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -115,12 +140,12 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
             state.best_valid, state.best_epoch, state.bad_evals = score, epoch, 0
             state.best_valid_metrics = valid
             state.best_test_metrics = record["test"] = evaluate_model(model, test_eval)
-            checkpoint.save_atomic(model.state_dict(), run_dir / BEST)
+            checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
         else:
             state.bad_evals += 1
         state.epoch = epoch
         state.history.append(record)
-        _save(run_dir, model, optimizer, scheduler, generator, state)
+        _save(run_dir, modules, optimizer, scheduler, generator, state)
         bar.set_postfix(loss=f"{record['loss']:.4f}", valid=f"{score:.4f}",
                         best=f"{state.best_valid:.4f}@{state.best_epoch}")
     return state

@@ -67,3 +67,48 @@ def propagate_mean(adj: torch.Tensor, ego: torch.Tensor, n_layers: int) -> torch
         x = sym_spmm(adj, x)                    # (N, d)
         layers.append(x)
     return torch.stack(layers).mean(0)
+
+
+class _SpMM(torch.autograd.Function):
+    """y = A x for a constant sparse A whose transpose is precomputed for the backward."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.adj_t = adj_t
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, ctx.adj_t @ grad
+
+
+def spmm(adj: torch.Tensor, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Multiply by a non-symmetric sparse matrix (kNN graphs, the user-item block R)."""
+    return _SpMM.apply(adj, adj_t, x)
+
+
+def csr_transpose(adj: torch.Tensor) -> torch.Tensor:
+    """Transpose of a CSR matrix, again as CSR."""
+    coo = adj.to_sparse_coo().coalesce()
+    rows, cols = coo.indices()
+    return sparse_csr(cols, rows, coo.values(), (adj.shape[1], adj.shape[0]))
+
+
+def bipartite_edge_weights(users: torch.Tensor, items: torch.Tensor, n_users: int,
+                           n_items: int) -> torch.Tensor:
+    """1/sqrt(d_u d_i) of every interaction (degrees + 1e-7, as MMRec's FREEDOM)."""
+    d_u = torch.bincount(users, minlength=n_users).float() + 1e-7
+    d_i = torch.bincount(items, minlength=n_items).float() + 1e-7
+    return d_u[users].rsqrt() * d_i[items].rsqrt()
+
+
+def user_item_block(users: torch.Tensor, items: torch.Tensor, n_users: int,
+                    n_items: int) -> torch.Tensor:
+    """R: the user-to-item block of D^-1/2 A D^-1/2 as a (U, I) CSR matrix (MGCN, SMORE)."""
+    values = bipartite_edge_weights(users, items, n_users, n_items)
+    return sparse_csr(users, items, values, (n_users, n_items))
+
+
+def prune_edges(weights: torch.Tensor, n_keep: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of n_keep edges drawn without replacement, proportional to weights (FREEDOM)."""
+    return torch.multinomial(weights.cpu(), n_keep, replacement=False, generator=generator)

@@ -1,4 +1,4 @@
-"""Stage 1: train a recommendation backbone and write the run directory.
+"""Stage 1: train a recommendation backbone (and content heads) and write the run directory.
 
 RUN_DIR holds the resolved `config.yaml`, `checkpoint.pt` (resumable), `best.pt` (weights at the
 best validation epoch), `metrics.json` and `plots/curves.png`.
@@ -13,10 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train import checkpoint
 from train.backbones import BackboneInputs, build_backbone
+from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, hold_out_items,
+                             random_baseline)
 from train.config import TrainConfig, dump_config
 from train.data import Dataset, load_dataset
-from train.fit import FitState, fit
+from train.fit import BEST, FitState, fit
+from train.heads import ContentHeads
 from train.plots import plot_curves
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,31 @@ def metrics_summary(state: FitState) -> dict:
 
 
 def metrics_table(metrics: dict) -> str:
-    """Markdown table of the valid and test figures at the best validation epoch."""
+    """Markdown table of the valid and test figures at the best validation epoch (+ cold start)."""
     keys = [k for k in REPORT_KEYS if k in metrics["test"]]
     lines = ["| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for split in ("valid", "test"):
         lines.append(f"| {split} | " + " | ".join(f"{metrics[split][k]:.4f}" for k in keys) + " |")
+    for name, cold in metrics.get("cold_start", {}).items():
+        lines.append(f"| cold items, {name} | " + " | ".join(
+            f"{cold[k]:.4f}" if k in cold else "" for k in keys) + " |")
     return "\n".join(lines)
+
+
+def cold_start_metrics(model, heads: ContentHeads, features: dict[str, torch.Tensor],
+                       train: Dataset, split: ColdSplit, ks: list[int], seed: int) -> dict:
+    """Heads vs random vs content kNN on the held-out items, with the best-epoch weights."""
+    model.eval()
+    heads.eval()
+    with torch.no_grad():
+        users = model.user_embeddings()
+        cold_feats = {m: features[m][torch.from_numpy(split.items).to(users.device)]
+                      for m in heads.heads}
+        cold_vectors = heads(cold_feats)
+        return {"heads": evaluate_cold(users.cpu(), cold_vectors.cpu(), split, ks),
+                "random": random_baseline(split, ks, seed),
+                "content_knn": content_knn_baseline({m: features[m].cpu() for m in heads.heads},
+                                                    train, split, ks)}
 
 
 def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False,
@@ -62,10 +85,25 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data.path)
     log.info(dataset.summary())
-    model = build_backbone(cfg.backbone, backbone_inputs(dataset, device)).to(device)
+    split = None
+    if cfg.cold_start:
+        dataset, split = hold_out_items(dataset, cfg.cold_start.holdout_fraction, cfg.seed)
+        log.info("cold start: %d items held out of training", len(split.items))
+    inputs = backbone_inputs(dataset, device)
+    model = build_backbone(cfg.backbone, inputs).to(device)
+    heads = None
+    if cfg.heads:
+        out_dim = model.user_embeddings().shape[1]
+        dims = {m: f.shape[1] for m, f in inputs.features.items()}
+        heads = ContentHeads(cfg.heads, dims, out_dim).to(device)
     state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
-                max_epochs_this_call)
+                max_epochs_this_call, heads, inputs.features)
     metrics = metrics_summary(state)
+    if heads is not None and split is not None:
+        modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
+        modules.load_state_dict(checkpoint.load(run_dir / BEST))
+        metrics["cold_start"] = cold_start_metrics(model, heads, inputs.features, dataset, split,
+                                                   cfg.cold_start.ks, cfg.seed)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_curves(state.history, run_dir / "plots" / "curves.png", cfg.eval.valid_metric)
     return metrics

@@ -39,5 +39,9 @@ class Backbone(nn.Module):
         """Item vectors (I, d)."""
         return self.embeddings()[1]
 
+    def id_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ego (layer-0) ID embeddings: the "personalised matching patterns" of PTMRec."""
+        return self.embeddings()
+
     def on_epoch_start(self, generator: torch.Generator) -> None:
         """Hook run before each training epoch (FREEDOM re-samples its pruned graph here)."""

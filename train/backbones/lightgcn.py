@@ -43,10 +43,14 @@ class LightGCN(Backbone):
         out = propagate_mean(self.adj, torch.cat([self.user, self.item]), self.cfg.n_layers)
         return out[:self.n_users], out[self.n_users:]
 
+    def id_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user, self.item
+
     def loss(self, batch: Batch) -> torch.Tensor:
         users, items = self.embeddings()
-        u = users[batch.users]                                      # (B, d)
-        p, n = items[batch.pos], items[batch.neg]                   # (B, d)
+        u = users.index_select(0, batch.users)                      # (B, d)
+        p, n = items.index_select(0, batch.pos), items.index_select(0, batch.neg)  # (B, d)
         mf = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        reg = emb_loss(self.user[batch.users], self.item[batch.pos], self.item[batch.neg])
+        reg = emb_loss(self.user.index_select(0, batch.users), self.item.index_select(0, batch.pos),
+                       self.item.index_select(0, batch.neg))
         return mf + self.cfg.reg_weight * reg
