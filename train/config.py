@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from train.backbones import BackboneConfig
 from train.coldstart import ColdStartConfig
+from train.features import EncodersConfig
 from train.heads import HeadsConfig
 
 
@@ -65,6 +66,7 @@ class TrainConfig(Strict):
     backbone: BackboneConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    encoders: EncodersConfig | None = None
     heads: HeadsConfig | None = None
     cold_start: ColdStartConfig | None = None
 

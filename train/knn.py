@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -87,7 +88,7 @@ def _load(path: Path, device: torch.device) -> tuple[torch.Tensor, ...] | None:
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         return blob["rows"], blob["cols"], blob["values"]
-    except (OSError, RuntimeError, KeyError) as err:
+    except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
         log.warning("ignoring unreadable kNN cache %s: %s", path, err)
         return None
 

@@ -19,6 +19,7 @@ from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, hol
                              random_baseline)
 from train.config import TrainConfig, dump_config
 from train.data import Dataset, load_dataset
+from train.features import item_features
 from train.fit import BEST, FitState, fit
 from train.heads import ContentHeads
 from train.plots import plot_curves
@@ -85,6 +86,8 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data.path)
     log.info(dataset.summary())
+    if cfg.encoders:
+        dataset.features = item_features(cfg.encoders, dataset, device)
     split = None
     if cfg.cold_start:
         dataset, split = hold_out_items(dataset, cfg.cold_start.holdout_fraction, cfg.seed)

@@ -72,7 +72,7 @@ def test_hnsw_recall_at_20_on_100k():
     assert recall >= 0.95
 
 
-@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize("factory", FACTORIES + ["PQ8x4"])
 def test_exclusion_inside_search(data, factory):
     x, ids = data
     index = ann.build(x, ids, factory)
@@ -97,6 +97,17 @@ def test_exclusion_inside_search(data, factory):
             want_s, want_i = brute(x, ids, q[row], 20, ex)
             np.testing.assert_array_equal(got[row], want_i)
             np.testing.assert_allclose(scores[row], want_s, rtol=1e-5, atol=1e-5)
+
+
+def test_overfetch_path_for_selectorless_index(data):
+    """IndexPQ (like GPU indexes) rejects selectors: over-fetch and host filtering instead."""
+    x, ids = data
+    index = ann.build(x, ids, "PQ8x4")
+    assert not ann._supports_selector(ann._inner(index))
+    assert ann.remove(index, ids[:50]) == 50 and ann.n_deleted(index) == 50
+    exclude = [ids[50:60]] * 20 + [None] * 20
+    _, got = ann.search(index, x[:40], 20, exclude=exclude)
+    assert not np.isin(got, ids[:60]).any() and (got >= 0).all()
 
 
 def test_hnsw_selector_respected_with_default_bounded_queue(data):
@@ -151,6 +162,7 @@ def test_add_remove_save_load_round_trip(data, factory, tmp_path):
     assert ann.remove(index, np.array([123, -7])) == 0
     assert ann.ntotal(index) == 1900
     assert not ann.contains(index, gone).any() and ann.contains(index, ids[100:2000]).all()
+    assert not ann.contains(index, np.array([-2, -3, -50])).any()
     ann.add(index, x[2000:2500], ids[2000:2500])
     ann.add(index, x[150:160], ids[150:160])  # upsert: replaces, never duplicates
     assert ann.ntotal(index) == 2400

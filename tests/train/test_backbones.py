@@ -18,7 +18,9 @@ def _model(name, dataset_dir):
     ds = load_dataset(dataset_dir)
     cfg = TrainConfig.model_validate({"data": {"path": str(dataset_dir)}, "backbone": {"name": name}})
     torch.manual_seed(0)
-    return build_backbone(cfg.backbone, backbone_inputs(ds, torch.device("cpu"))), ds
+    inputs = backbone_inputs(ds, torch.device("cpu"))
+    inputs.features = {"image": torch.randn(ds.n_items, 32), "text": torch.randn(ds.n_items, 16)}
+    return build_backbone(cfg.backbone, inputs), ds
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,8 +9,8 @@ Multimodal Recommendation", ACM MM 2023) as MMRec's `models/freedom.py` computes
   LightGCN (mean of layers 0..n_ui_layers) runs on it in training and on the full graph for ranking.
 - Loss: BPR(u, i + h) + reg_weight · Σ_m BPR(u, trs_m(f_m)[pos], trs_m(f_m)[neg]) with trainable
   raw feature tables. Only the batch rows are projected (the same gradients as projecting every
-  item and indexing, at a fraction of the cost); with reg_weight 0 the modal terms are skipped, which
-  leaves every parameter exactly where MMRec's zero-weighted terms leave it.
+  item and indexing, at a fraction of the cost); with reg_weight 0 the modal terms are skipped,
+  which leaves every parameter exactly where MMRec's zero-weighted terms leave it.
 """
 from __future__ import annotations
 
@@ -69,16 +69,6 @@ class FREEDOM(Backbone):
         self.register_buffer("edge_weights", bipartite_edge_weights(users, items, self.n_users,
                                                                     self.n_items), persistent=False)
         self.register_buffer("masked_adj", None, persistent=False)
-
-    @property
-    def image_trs(self) -> nn.Linear | None:
-        """MMRec's name for the image projection."""
-        return self.trs["image"] if "image" in self.trs else None
-
-    @property
-    def text_trs(self) -> nn.Linear | None:
-        """MMRec's name for the text projection."""
-        return self.trs["text"] if "text" in self.trs else None
 
     def _item_graph(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """mm_adj = w·image_adj + (1-w)·text_adj over binary kNN graphs (one modality: itself)."""

@@ -38,7 +38,7 @@ def require_features(inputs: BackboneInputs, modalities, model: str) -> dict[str
 
 
 def feature_tables(features: dict[str, torch.Tensor], trainable: bool) -> nn.ParameterDict:
-    """Raw feature tables as parameters: trainable (MMRec's from_pretrained(freeze=False)) or not."""
+    """Feature tables as parameters, trainable (MMRec's from_pretrained(freeze=False)) or not."""
     return nn.ParameterDict({m: nn.Parameter(f.clone() if trainable else f,
                                              requires_grad=trainable)
                              for m, f in features.items()})
@@ -82,21 +82,14 @@ class FusedLightGCNConfig(ModalConfig):
     reg_weight: float = 1e-4
 
 
-class ContentFusion(nn.Module):
-    """Σ_m Linear_m(f_m) over frozen feature tables; stage 2 swaps `features[m]` for re-encoded ones."""
-
-    def __init__(self, features: dict[str, torch.Tensor], dim: int):
-        super().__init__()
-        self.features = feature_tables(features, trainable=False)
-        self.trs = nn.ModuleDict({m: xavier_linear(f.shape[1], dim) for m, f in features.items()})
-
-    def forward(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Content vectors (n, d) of `items`, or of every item when None."""
-        out = 0
-        for m, table in self.features.items():
-            rows = table if items is None else table.index_select(0, items)   # (n, d_m)
-            out = out + self.trs[m](rows)                                       # (n, d)
-        return out
+def content_vectors(features: nn.ParameterDict, trs: nn.ModuleDict,
+                    items: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_m trs[m](features[m]) (n, d) for `items`, or for every item when None."""
+    out = 0
+    for m, table in features.items():
+        rows = table if items is None else table.index_select(0, items)       # (n, d_m)
+        out = out + trs[m](rows)                                                # (n, d)
+    return out
 
 
 class FusedBPR(Backbone):
@@ -110,17 +103,20 @@ class FusedBPR(Backbone):
         self.item = nn.Embedding(inputs.n_items, cfg.embedding_size)
         nn.init.xavier_normal_(self.user.weight)
         nn.init.xavier_normal_(self.item.weight)
-        self.content = ContentFusion(feats, cfg.embedding_size)
+        self.features = feature_tables(feats, trainable=False)             # where content enters
+        self.trs = nn.ModuleDict({m: xavier_linear(f.shape[1], cfg.embedding_size)
+                                  for m, f in feats.items()})
 
     def loss(self, batch: Batch) -> torch.Tensor:
         u = self.user(batch.users)                                         # (B, d)
         items = torch.cat([batch.pos, batch.neg])
-        p, n = (self.item(items) + self.content(items)).chunk(2)           # (B, d) each
+        fused = self.item(items) + content_vectors(self.features, self.trs, items)    # (2B, d)
+        p, n = fused.chunk(2)
         mf = bpr_loss((u * p).sum(1), (u * n).sum(1))
         return mf + self.cfg.reg_weight * emb_loss(u, p, n)
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.user.weight, self.item.weight + self.content()
+        return self.user.weight, self.item.weight + content_vectors(self.features, self.trs)
 
     def id_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user.weight, self.item.weight
@@ -137,14 +133,15 @@ class FusedLightGCN(Backbone):
         d = cfg.embedding_size
         self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_users, d)))
         self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, d)))
-        self.content = ContentFusion(feats, d)
+        self.features = feature_tables(feats, trainable=False)             # where content enters
+        self.trs = nn.ModuleDict({m: xavier_linear(f.shape[1], d) for m, f in feats.items()})
         adj = normalized_adjacency(inputs.train_users, inputs.train_items, inputs.n_users,
                                    inputs.n_items)
         self.register_buffer("adj", adj, persistent=False)
 
     def _propagate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(users, items) after propagation, and the fused ego items (I, d)."""
-        ego_items = self.item + self.content()                             # (I, d)
+        ego_items = self.item + content_vectors(self.features, self.trs)    # (I, d)
         out = propagate_mean(self.adj, torch.cat([self.user, ego_items]), self.cfg.n_layers)
         return out[:self.n_users], out[self.n_users:], ego_items
 

@@ -26,7 +26,7 @@ class VBPRConfig(ModalConfig):
 
 
 class VBPR(Backbone):
-    """Matrix factorisation with a content term; features enter through `features` and `item_linear`."""
+    """MF plus a content term; features enter through `features` and `item_linear`."""
 
     def __init__(self, cfg: VBPRConfig, inputs: BackboneInputs):
         super().__init__()

@@ -69,6 +69,11 @@ class Tower(nn.Module, ABC):
         super().__init__()
         self.register_module("token_hook", None)
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Any) -> Tower:
+        """Load the weights a config names and build the tower (CPU, eval mode)."""
+
     # ---- identity and inputs -------------------------------------------------------------
     @abstractmethod
     def describe(self) -> str:

@@ -123,7 +123,8 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
-def encode_all(tower: Tower, items: list, batch_size: int, device: torch.device, progress: bool) -> tuple[np.ndarray, int]:
+def encode_all(tower: Tower, items: list, batch_size: int, device: torch.device,
+               progress: bool) -> tuple[np.ndarray, int]:
     """Encode every item in batches under inference mode -> ((N, d) float32, n_missing)."""
     home, was_training = _device_of(tower), tower.training
     tower.to(device).eval()

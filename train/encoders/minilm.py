@@ -49,8 +49,8 @@ def read_sentence_config(model_dir: Path) -> tuple[int, bool]:
     if types[:2] != ["Transformer", "Pooling"] or any(t != "Normalize" for t in types[2:]):
         raise NotImplementedError(f"{model_dir}: unsupported module pipeline {types}")
     pooling = json.loads((model_dir / modules[1]["path"] / "config.json").read_text())
-    others = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v and k != "pooling_mode_mean_tokens"]
-    if not pooling.get("pooling_mode_mean_tokens") or others:
+    modes = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v}
+    if modes != {"pooling_mode_mean_tokens"}:
         raise NotImplementedError(f"{model_dir}: only mean pooling is supported, got {pooling}")
     sbert = json.loads((model_dir / "sentence_bert_config.json").read_text())
     return int(sbert["max_seq_length"]), "Normalize" in types
@@ -62,7 +62,9 @@ def load_tokenizer(model_dir: Path, max_seq_length: int) -> Tokenizer:
     pad = tokenizer.padding or {}
     tokenizer.enable_truncation(max_length=max_seq_length, strategy="longest_first")
     tokenizer.enable_padding(
-        pad_id=pad.get("pad_id", 0), pad_type_id=pad.get("pad_type_id", 0), pad_token=pad.get("pad_token", "[PAD]")
+        pad_id=pad.get("pad_id", 0),
+        pad_type_id=pad.get("pad_type_id", 0),
+        pad_token=pad.get("pad_token", "[PAD]"),
     )
     return tokenizer
 
@@ -97,7 +99,8 @@ class MiniLMTower(Tower):
             raise ValueError(f"max_seq_length {max_len} > max_position_embeddings")
         tokenizer = load_tokenizer(model_dir, max_len)
         tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
-        source = f"{bert.config.model_type}-{bert.config.num_hidden_layers}x{bert.config.hidden_size}|tokenizer={tok_hash}"
+        c = bert.config
+        source = f"{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}|tokenizer={tok_hash}"
         return cls(bert, tokenizer, normalize, source).eval()
 
     @property

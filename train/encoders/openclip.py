@@ -5,6 +5,8 @@ reference/ALGORITHMS.md §7 #11). Weights come from exactly one of: a `pretraine
 so it needs internet), a local `checkpoint` (safetensors, or a plain state_dict read with
 `torch.load(weights_only=True)`; never arbitrary pickle), or `init_seed` (deterministic random init,
 for tests and the synthetic demo with the tiny architecture `TINY_CLIP` registered below).
+Tags that were trained with QuickGELU (OpenAI's) get it automatically; for a checkpoint of OpenAI
+weights name the `-quickgelu` architecture (e.g. `ViT-B-32-quickgelu`).
 An image and a text tower built from the same weights share one loaded model, each owning its half.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 
 import open_clip
 import torch
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -59,7 +61,7 @@ class OpenClipWeights(Strict):
     def _one_source(self) -> OpenClipWeights:
         given = [k for k in ("pretrained", "checkpoint", "init_seed") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of pretrained / checkpoint / init_seed (got {given or 'none'})")
+            raise ValueError(f"set exactly one of pretrained / checkpoint / init_seed, got {given or 'none'}")
         return self
 
     def source(self) -> str:
@@ -110,11 +112,13 @@ def load_state_dict_safely(path: Path) -> dict[str, Tensor]:
 
 def _from_pretrained_tag(model: str, tag: str) -> nn.Module:
     """Create a model with the weights of an open_clip pretrained tag, with a clear offline error."""
-    if not open_clip.get_pretrained_cfg(model, tag):
+    tag_cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not tag_cfg:
         known = open_clip.list_pretrained_tags_by_model(model)
         raise ValueError(f"unknown pretrained tag {tag!r} for {model!r}; known tags: {known}")
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # OpenAI weights: follow the tag, not the name
     try:
-        return open_clip.create_model(model, pretrained=tag)
+        return open_clip.create_model(model, pretrained=tag, force_quick_gelu=quick_gelu)
     except Exception as err:
         raise PretrainedUnavailableError(
             f"could not fetch open_clip weights {model}/{tag}: {err}. This machine is probably offline "
@@ -142,6 +146,12 @@ def create_clip(cfg: OpenClipWeights) -> open_clip.CLIP:
     if type(model) is not open_clip.CLIP:
         raise NotImplementedError(f"{cfg.model}: only open_clip.CLIP models are supported")
     return model.eval()
+
+
+def describe_clip(model: open_clip.CLIP, cfg: OpenClipWeights) -> str:
+    """Model name, activation (QuickGELU or GELU) and weight source."""
+    act = "quickgelu" if any(isinstance(m, QuickGELU) for m in model.modules()) else "gelu"
+    return f"{cfg.model}|act={act}|{cfg.source()}"
 
 
 class _Shared:
@@ -204,7 +214,7 @@ class OpenClipImageTower(Tower):
         model, shared = acquire_clip(cfg, "image")
         pp = dict(model.visual.preprocess_cfg)
         pp.update({k: v for k, v in (("mean", cfg.mean), ("std", cfg.std)) if v is not None})
-        tower = cls(model.visual, PreprocessSpec.from_open_clip(pp), f"{cfg.model}|{cfg.source()}")
+        tower = cls(model.visual, PreprocessSpec.from_open_clip(pp), describe_clip(model, cfg))
         tower._shared = shared
         return tower.eval()
 
@@ -268,8 +278,9 @@ class OpenClipTextTower(Tower):
         super().__init__()
         if clip.text_pool_type not in ("argmax", "eos", "first", "last") or not clip.transformer.batch_first:
             raise NotImplementedError(f"unsupported text pooling {clip.text_pool_type!r}")
-        if context_length > clip.positional_embedding.shape[0]:
-            raise ValueError(f"context_length {context_length} > model's {clip.positional_embedding.shape[0]}")
+        model_length = clip.positional_embedding.shape[0]
+        if context_length > model_length:
+            raise ValueError(f"context_length {context_length} > the model's {model_length}")
         self.token_embedding = clip.token_embedding
         self.positional_embedding = clip.positional_embedding
         self.transformer = clip.transformer
@@ -292,7 +303,7 @@ class OpenClipTextTower(Tower):
         model, shared = acquire_clip(cfg, "text")
         length = cfg.context_length or model.context_length
         tokenizer = open_clip.get_tokenizer(cfg.model, context_length=length)
-        tower = cls(model, tokenizer, f"{cfg.model}|{cfg.source()}", length)
+        tower = cls(model, tokenizer, describe_clip(model, cfg), length)
         tower._shared = shared
         return tower.eval()
 

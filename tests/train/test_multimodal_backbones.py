@@ -1,0 +1,145 @@
+"""Contract suite for the multimodal backbones on tiny data with random image/text features."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.backbones import MULTIMODAL, BackboneInputs, build_backbone
+from train.config import TrainConfig
+from train.data import load_dataset
+from train.evaluate import Evaluator, embedding_score_fn
+from train.graph import bipartite_edge_weights
+from train.sampling import NegativeSampler, epoch_batches
+from train.stage1 import backbone_inputs
+
+NAMES = sorted(MULTIMODAL)
+
+
+def _inputs(ds, seed: int = 0) -> BackboneInputs:
+    inputs = backbone_inputs(ds, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    inputs.features = {"image": torch.randn(ds.n_items, 32, generator=gen),
+                       "text": torch.randn(ds.n_items, 16, generator=gen)}
+    return inputs
+
+
+def _model(name, dataset_dir, **overrides):
+    ds = load_dataset(dataset_dir)
+    cfg = TrainConfig.model_validate({"data": {"path": str(dataset_dir)},
+                                      "backbone": {"name": name, **overrides}})
+    torch.manual_seed(0)
+    return build_backbone(cfg.backbone, _inputs(ds)), ds
+
+
+def _batch(ds, size: int = 64):
+    return next(epoch_batches(torch.from_numpy(ds.train), NegativeSampler(ds.train, ds.n_items),
+                              size, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_finite_loss(name, tiny_dataset_dir):
+    model, ds = _model(name, tiny_dataset_dir)
+    users, items = model.embeddings()
+    assert users.shape[0] == ds.n_users and items.shape[0] == ds.n_items
+    assert users.shape[1] == items.shape[1]
+    id_users, id_items = model.id_embeddings()
+    assert id_users.shape == (ds.n_users, 64) and id_items.shape == (ds.n_items, 64)
+    loss = model.loss(_batch(ds))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_falls_in_20_steps(name, tiny_dataset_dir):
+    model, ds = _model(name, tiny_dataset_dir)
+    gen = torch.Generator().manual_seed(0)
+    batch = _batch(ds, 256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(20):
+        model.on_epoch_start(gen)
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dot_product_scores_equal_full_ranking(name, tiny_dataset_dir):
+    model, ds = _model(name, tiny_dataset_dir)
+    model.eval()
+    with torch.no_grad():
+        users, items = model.embeddings()
+        assert torch.allclose(model.user_embeddings(), users)
+        assert torch.allclose(model.item_embeddings(), items)
+    evaluator = Evaluator(ds, "test", (5, 10))
+    via_embeddings = evaluator.run(embedding_score_fn(users, items))
+    dense = users @ items.T                                   # (U, I)
+    via_matrix = evaluator.run(lambda u: dense[u].clone())
+    assert via_embeddings == pytest.approx(via_matrix)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_modality_is_named(name, tiny_dataset_dir):
+    ds = load_dataset(tiny_dataset_dir)
+    cfg = TrainConfig.model_validate({"data": {"path": str(tiny_dataset_dir)},
+                                      "backbone": {"name": name}})
+    inputs = _inputs(ds)
+    del inputs.features["text"]
+    with pytest.raises(ValueError, match="'text'"):
+        build_backbone(cfg.backbone, inputs)
+
+
+@pytest.mark.parametrize("name", ["bpr_mm", "lightgcn_mm", "vbpr", "freedom"])
+def test_single_modality(name, tiny_dataset_dir):
+    model, ds = _model(name, tiny_dataset_dir, modalities=["image"])
+    assert torch.isfinite(model.loss(_batch(ds)))
+    assert list(model.features) == ["image"]
+
+
+@pytest.mark.parametrize("name", ["freedom", "mgcn", "smore"])
+def test_feature_tables_train_and_gradients_reach_them(name, tiny_dataset_dir):
+    overrides = {"reg_weight": 1e-2} if name == "freedom" else {}
+    model, ds = _model(name, tiny_dataset_dir, **overrides)
+    model.on_epoch_start(torch.Generator().manual_seed(0))
+    model.loss(_batch(ds)).backward()
+    for m in ("image", "text"):
+        assert model.features[m].requires_grad and model.features[m].grad.abs().sum() > 0
+        assert model.trs[m].weight.grad.abs().sum() > 0
+
+
+def test_freedom_pruned_graph_size_and_determinism(tiny_dataset_dir):
+    model, ds = _model("freedom", tiny_dataset_dir)
+    n_edges = len(ds.train)
+    model.on_epoch_start(torch.Generator().manual_seed(7))
+    first = model.masked_adj.to_dense()
+    assert torch.count_nonzero(first) == 2 * int(n_edges * (1 - model.cfg.dropout))
+    model.on_epoch_start(torch.Generator().manual_seed(7))
+    assert torch.equal(model.masked_adj.to_dense(), first)
+    model.on_epoch_start(torch.Generator().manual_seed(8))
+    assert not torch.equal(model.masked_adj.to_dense(), first)
+    assert torch.allclose(first, first.T)
+
+
+def test_freedom_pruning_prefers_low_degree_edges(tiny_dataset_dir):
+    model, ds = _model("freedom", tiny_dataset_dir)
+    train = torch.from_numpy(ds.train)
+    w = bipartite_edge_weights(train[:, 0], train[:, 1], ds.n_users, ds.n_items)
+    kept = torch.zeros(len(w))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        model.on_epoch_start(gen)
+        dense = model.masked_adj.to_dense()
+        kept += (dense[train[:, 0], train[:, 1] + ds.n_users] > 0).float()
+    heavy, light = w > w.median(), w < w.median()
+    assert kept[heavy].mean() > kept[light].mean()
+
+
+def test_freedom_eval_uses_full_graph(tiny_dataset_dir):
+    model, _ = _model("freedom", tiny_dataset_dir)
+    full = model.embeddings()
+    model.on_epoch_start(torch.Generator().manual_seed(1))
+    again = model.embeddings()
+    assert torch.equal(full[0], again[0]) and torch.equal(full[1], again[1])
