@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup protos demo test clean
 
-setup: $(STAMP)
+setup: $(STAMP) protos
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[train,serve,dev]'
 	touch $(STAMP)
 
+# gRPC stubs into the git-ignored serve/_gen (a no-op when up to date).
+protos: $(STAMP)
+	$(PY) -m protos.build
+
 demo: setup
 	$(PY) -m train.synthetic --out $(DEMO)/data --users 800 --items 400 --seed 7
 	$(PY) -m train --config configs/demo.yaml --out $(DEMO)/run
 
-test: setup
+test: setup protos
 	$(PY) -m pytest
 
 clean:

@@ -54,6 +54,17 @@ class EncoderSpec(_Strict):
     image_encoder: str | None = Field(None, description="ONNX file of the image tower, if any")
     text_encoder: str | None = Field(None, description="ONNX file of the text tower, if any")
     tokenizer_file: str | None = Field(None, description="tokenizers JSON for the text tower")
+    preprocess_file: str | None = Field(None, description="preprocess.json of the image tower")
+    text_inputs: list[str] = Field(default_factory=lambda: ["input_ids", "attention_mask"],
+                                   description="ONNX input names of the text encoder, int64 (B, L)")
+    fusion: Literal["mean"] = Field("mean", description="how per-modality vectors combine")
+    blank_image: Literal["mean"] = Field(
+        "mean", description="a missing image is the dataset-mean colour: all zeros once normalised")
+    text_padding: Literal["longest", "fixed"] = Field(
+        "longest", description="tokenizer.json pads to the longest text of a batch (dynamic "
+        "sequence axis, at most context_length) or always to context_length (fixed axis)")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="weights of the ONNX encoders: fp32, or dynamic int8 MatMuls")
 
     @field_validator("std")
     @classmethod
@@ -64,7 +75,7 @@ class EncoderSpec(_Strict):
 
     def referenced_files(self) -> list[str]:
         """Bundle files this spec points at."""
-        names = (self.image_encoder, self.text_encoder, self.tokenizer_file)
+        names = (self.image_encoder, self.text_encoder, self.tokenizer_file, self.preprocess_file)
         return [name for name in names if name is not None]
 
 

@@ -33,3 +33,13 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny")
     write_inter(d / "tiny.inter", random_rows(60, 80, seed=0))
     return d
+
+
+def pytest_sessionstart(session):
+    """Generate the gRPC stubs into serve/_gen when missing or stale (python -m protos.build)."""
+    try:
+        from protos import build
+        build.build()
+    except Exception as err:  # noqa: BLE001 - e.g. no grpcio-tools: serving tests then fail to import
+        import warnings
+        warnings.warn(f"could not generate gRPC stubs: {err}")

@@ -1,6 +1,9 @@
 """Contract suite for the multimodal backbones on tiny data with random image/text features."""
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from train.data import load_dataset
 from train.evaluate import Evaluator, embedding_score_fn
 from train.graph import bipartite_edge_weights
 from train.sampling import NegativeSampler, epoch_batches
-from train.stage1 import backbone_inputs
+from train.stage1 import backbone_inputs, run_stage1
 
 NAMES = sorted(MULTIMODAL)
 
@@ -143,3 +146,24 @@ def test_freedom_eval_uses_full_graph(tiny_dataset_dir):
     model.on_epoch_start(torch.Generator().manual_seed(1))
     again = model.embeddings()
     assert torch.equal(full[0], again[0]) and torch.equal(full[1], again[1])
+
+
+@pytest.mark.parametrize("name", ["freedom", "smore"])
+def test_resume_matches_uninterrupted(tiny_dataset_dir, tmp_path, name):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    n_items = load_dataset(data).n_items
+    rng = np.random.default_rng(0)
+    np.save(data / "image_feat.npy", rng.standard_normal((n_items, 32)).astype(np.float32))
+    np.save(data / "text_feat.npy", rng.standard_normal((n_items, 16)).astype(np.float32))
+    cfg = TrainConfig.model_validate({
+        "seed": 3, "data": {"path": str(data)},
+        "backbone": {"name": name, "graph_cache": str(tmp_path / "graphs")},
+        "optim": {"batch_size": 128, "epochs": 3, "learning_rate": 0.01},
+        "eval": {"ks": [10, 20]}})
+    full = run_stage1(cfg, tmp_path / "full", torch.device("cpu"))
+    run_stage1(cfg, tmp_path / "cut", torch.device("cpu"), max_epochs_this_call=1)
+    resumed = run_stage1(cfg, tmp_path / "cut", torch.device("cpu"), resume=True)
+    for key in ("valid", "test", "best_epoch", "epochs_run"):
+        assert resumed[key] == full[key], key
+    assert len(list((tmp_path / "graphs").glob("*.pt"))) == 2

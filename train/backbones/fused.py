@@ -84,12 +84,16 @@ class FusedLightGCNConfig(ModalConfig):
 
 def content_vectors(features: nn.ParameterDict, trs: nn.ModuleDict,
                     items: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_m trs[m](features[m]) (n, d) for `items`, or for every item when None."""
+    """Σ_m trs[m](features[m]) (n, d) for `items`, or for every item when None.
+
+    Each distinct item is projected once (a batch repeats popular items).
+    """
+    rows, inverse = (None, None) if items is None else torch.unique(items, return_inverse=True)
     out = 0
     for m, table in features.items():
-        rows = table if items is None else table.index_select(0, items)       # (n, d_m)
-        out = out + trs[m](rows)                                                # (n, d)
-    return out
+        x = table if rows is None else table.index_select(0, rows)            # (r, d_m)
+        out = out + trs[m](x)                                                   # (r, d)
+    return out if inverse is None else out.index_select(0, inverse)            # (n, d)
 
 
 class FusedBPR(Backbone):

@@ -43,8 +43,10 @@ class VBPR(Backbone):
         if items is None:
             raw = torch.cat(list(self.features.values()), dim=1)              # (I, Σd_m)
             return torch.cat([self.i_embedding, self.item_linear(raw)], dim=1)
-        raw = torch.cat([f.index_select(0, items) for f in self.features.values()], dim=1)
-        return torch.cat([self.i_embedding.index_select(0, items), self.item_linear(raw)], dim=1)
+        rows, inverse = torch.unique(items, return_inverse=True)            # project each once
+        raw = torch.cat([f.index_select(0, rows) for f in self.features.values()], dim=1)
+        content = self.item_linear(raw).index_select(0, inverse)              # (n, d)
+        return torch.cat([self.i_embedding.index_select(0, items), content], dim=1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         u = self.u_embedding.index_select(0, batch.users)                   # (B, 2d)

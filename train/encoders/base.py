@@ -9,7 +9,8 @@ with two methods:
   embedding; BERT: after the embedding module, before block 0);
 - `before_block(index, state) -> state`: called before every block (deep prompts replace tokens here).
 
-The hook may change the sequence length, `pad_mask` and `pool_index`; attention masks are derived
+The hook may change the sequence length, `pad_mask`, `pool_index` and `pool_mask` (tokens a
+mean-pooling tower averages, when they differ from the attended ones); attention masks are derived
 from the state inside each tower, so they follow. Without a hook a tower equals its source model.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class TokenState:
     x: Tensor  # (B, L, W)
     pad_mask: Tensor | None = None  # (B, L) 1 = real token; None = no padding
     pool_index: Tensor | None = None  # (B,) position pooled by argmax/EOT text towers
+    pool_mask: Tensor | None = None  # (B, L) 1 = averaged by mean-pooling towers; None = pad_mask
 
     def with_x(self, x: Tensor) -> TokenState:
         """Same state with new tokens."""

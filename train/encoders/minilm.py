@@ -144,8 +144,9 @@ class MiniLMTower(Tower):
         return block(x, attention_mask=bias)  # (B, L, W)
 
     def pool(self, state: TokenState) -> Tensor:
-        """Mean over real tokens, as sentence-transformers' Pooling(mean)."""
-        mask = state.pad_mask.unsqueeze(-1).to(state.x.dtype)  # (B, L, 1)
+        """Mean over real tokens (`pool_mask` if a hook set one), as sentence-transformers' Pooling(mean)."""
+        keep = state.pad_mask if state.pool_mask is None else state.pool_mask  # (B, L)
+        mask = keep.unsqueeze(-1).to(state.x.dtype)  # (B, L, 1)
         summed = (state.x * mask).sum(dim=1)  # (B, W)
         return summed / mask.sum(dim=1).clamp(min=1e-9)  # (B, W)
 

@@ -1,0 +1,1 @@
+"""Protocol buffer definitions (a leaf package: depends on nothing in the project)."""

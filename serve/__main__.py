@@ -1,0 +1,85 @@
+"""Run the recommendation server until SIGTERM or SIGINT.
+
+    python -m serve --bundles bundles/ [--host 127.0.0.1] [--port 50051] [--metrics-port 9100]
+                    [--tls-cert cert.pem --tls-key key.pem] [--poll-seconds 2] [--workers 8]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+from serve.limits import MIB, Limits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
+    p.add_argument("--bundles", type=Path, required=True, help="directory holding vN/ and CURRENT")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port; -1 disables")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to check CURRENT")
+    p.add_argument("--retry-seconds", type=float, default=60.0,
+                   help="wait before retrying a bundle that failed to load")
+    p.add_argument("--workers", type=int, default=8, help="RPC thread pool size")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256)
+    p.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on shutdown")
+    p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per search")
+    p.add_argument("--encoder-threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--max-image-mib", type=float, default=8.0)
+    p.add_argument("--max-text-chars", type=int, default=20_000)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace):
+    """ServerConfig from parsed options."""
+    from serve.server import ServerConfig
+
+    limits = Limits(max_image_bytes=int(args.max_image_mib * MIB),
+                    max_text_chars=args.max_text_chars)
+    return ServerConfig(
+        bundles=args.bundles, host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
+        retry_seconds=args.retry_seconds, workers=args.workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
+        faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the server and block until a termination signal."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # corrupt uploads
+    from serve.server import start
+
+    running = start(config_from_args(args))
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        logging.getLogger("serve").info("received %s, shutting down",
+                                        signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"serving on {args.host}:{running.port}"
+          + (f", metrics on {args.metrics_host}:{running.metrics_port}"
+             if running.metrics_port is not None else ""), flush=True)
+    stop.wait()
+    running.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

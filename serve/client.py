@@ -1,0 +1,163 @@
+"""A small Python client for ptmrec.v1.Recommender, and a CLI around it.
+
+    python -m serve.client recommend --user 42 -k 10 [--exclude 1 2] [--recent 7 8]
+    python -m serve.client encode --image shoe.jpg --text "red running shoe"
+    python -m serve.client upsert --item 9001 --image shoe.jpg --text "red running shoe" [--overwrite]
+    python -m serve.client delete --item 9001
+    python -m serve.client info
+    python -m serve.client health        # exit 0 when SERVING, 1 otherwise (Docker HEALTHCHECK)
+
+Every command takes `--target HOST:PORT` (default 127.0.0.1:50051), `--timeout SECONDS` and
+`--tls-ca PEM` (TLS with that root certificate). Results print as JSON; an RPC error prints its
+status code and message and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class RecommenderClient:
+    """Blocking client with a per-call deadline."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 5.0,
+                 tls_ca: Path | None = None):
+        options = [("grpc.max_send_message_length", MAX_MESSAGE),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.timeout = timeout
+        self.stub = pb_grpc.RecommenderStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def recommend(self, user_id: int, k: int = 10, exclude: Iterable[int] = (),
+                  exclude_seen: bool = True, recent: Iterable[int] = ()) -> pb.RecommendResponse:
+        """Top-k items for a user."""
+        return self.stub.Recommend(request(user_id, k, exclude, exclude_seen, recent),
+                                   timeout=self.timeout)
+
+    def recommend_batch(self, requests: list[pb.RecommendRequest]) -> pb.RecommendBatchResponse:
+        """Several recommendations from one bundle snapshot."""
+        return self.stub.RecommendBatch(pb.RecommendBatchRequest(requests=requests),
+                                        timeout=self.timeout)
+
+    def encode(self, image: bytes = b"", text: str = "") -> pb.EncodeItemResponse:
+        """Vector of a new item (no side effects)."""
+        return self.stub.EncodeItem(pb.EncodeItemRequest(image=image, text=text),
+                                    timeout=self.timeout)
+
+    def upsert(self, item_id: int, image: bytes = b"", text: str = "",
+               overwrite: bool = False) -> pb.UpsertItemResponse:
+        """Encode and insert an item into the live index."""
+        req = pb.UpsertItemRequest(item_id=item_id, image=image, text=text, overwrite=overwrite)
+        return self.stub.UpsertItem(req, timeout=self.timeout)
+
+    def delete(self, item_id: int) -> pb.DeleteItemResponse:
+        """Remove an item from the live index."""
+        return self.stub.DeleteItem(pb.DeleteItemRequest(item_id=item_id), timeout=self.timeout)
+
+    def info(self) -> pb.ModelInfo:
+        """Summary of the served bundle."""
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """Health status name ("SERVING", "NOT_SERVING", ...) of the server or a service."""
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def request(user_id: int, k: int = 10, exclude: Iterable[int] = (), exclude_seen: bool = True,
+            recent: Iterable[int] = ()) -> pb.RecommendRequest:
+    """A RecommendRequest."""
+    return pb.RecommendRequest(user_id=user_id, k=k, exclude_item_ids=list(exclude),
+                               exclude_seen=exclude_seen, recent_item_ids=list(recent))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m serve.client", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--tls-ca", type=Path, help="PEM root certificate: use TLS")
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("recommend", help="top-k items for a user")
+    rec.add_argument("--user", type=int, required=True)
+    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("--exclude", type=int, nargs="*", default=[])
+    rec.add_argument("--recent", type=int, nargs="*", default=[])
+    rec.add_argument("--include-seen", action="store_true", help="do not drop training items")
+    for name in ("encode", "upsert"):
+        cmd = sub.add_parser(name, help=f"{name} an item from an image and/or text")
+        if name == "upsert":
+            cmd.add_argument("--item", type=int, required=True)
+            cmd.add_argument("--overwrite", action="store_true")
+        cmd.add_argument("--image", type=Path, help="image file")
+        cmd.add_argument("--text", default="")
+    sub.add_parser("delete", help="remove an item").add_argument("--item", type=int, required=True)
+    sub.add_parser("info", help="bundle summary")
+    sub.add_parser("health", help="exit 0 if SERVING").add_argument("--service", default="")
+    return p.parse_args(argv)
+
+
+def run(client: RecommenderClient, args: argparse.Namespace):
+    """Execute one CLI command; returns a protobuf message or a status string."""
+    image = args.image.read_bytes() if getattr(args, "image", None) else b""
+    if args.command == "recommend":
+        return client.recommend(args.user, args.k, args.exclude, not args.include_seen, args.recent)
+    if args.command == "encode":
+        return client.encode(image, args.text)
+    if args.command == "upsert":
+        return client.upsert(args.item, image, args.text, args.overwrite)
+    if args.command == "delete":
+        return client.delete(args.item)
+    if args.command == "info":
+        return client.info()
+    return client.health(args.service)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = parse_args(argv)
+    with RecommenderClient(args.target, args.timeout, args.tls_ca) as client:
+        try:
+            result = run(client, args)
+        except grpc.RpcError as err:
+            print(f"{err.code().name}: {err.details()}", file=sys.stderr)
+            return 1 if args.command == "health" else 2
+    if isinstance(result, str):
+        print(result)
+        return 0 if result == "SERVING" else 1
+    print(json.dumps(json_format.MessageToDict(result, preserving_proto_field_name=True),
+                     indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the server, on their own registry and HTTP port (loopback by default).
+
+Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, base units,
+`_total` counters, no per-user labels.
+- `recsys_request_duration_seconds{method,code}` histogram and `recsys_requests_total{method,code}`
+  per RPC and gRPC status code name;
+- `recsys_index_items` live items, `recsys_model_version` and `recsys_build_info{model_version,
+  backbone,faiss_factory} 1` of the bundle being served;
+- `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
+- `recsys_reloads_total{result="success|failure"}` bundle swaps and refused bundles;
+- `recsys_recommend_source_total{source}` which query answered (user vector or a fallback);
+- `recsys_journal_entries`, `recsys_journal_dropped_total` the online-upsert journal;
+- `process_*` (resident memory, CPU) from prometheus_client's process collector.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               start_http_server)
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """All server metrics on one registry; `start_http` exposes them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = reg = registry or CollectorRegistry()
+        ProcessCollector(registry=reg)
+        self.request_duration = Histogram(
+            "recsys_request_duration_seconds", "RPC latency by method and status code",
+            ["method", "code"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.requests = Counter("recsys_requests", "RPCs by method and status code",
+                                ["method", "code"], registry=reg)
+        self.index_items = Gauge("recsys_index_items", "Items live in the index", registry=reg)
+        self.model_version = Gauge("recsys_model_version", "Bundle version served", registry=reg)
+        self.build_info = Gauge("recsys_build_info", "Bundle served (value 1)",
+                                ["model_version", "backbone", "faiss_factory"], registry=reg)
+        self.encode_duration = Histogram("recsys_encode_duration_seconds",
+                                         "Time in the ONNX item encoder", buckets=LATENCY_BUCKETS,
+                                         registry=reg)
+        self.reloads = Counter("recsys_reloads", "Bundle reloads by result", ["result"],
+                               registry=reg)
+        self.sources = Counter("recsys_recommend_source", "Recommend answers by query source",
+                               ["source"], registry=reg)
+        self.journal_entries = Gauge("recsys_journal_entries",
+                                     "Online upserts/deletes kept for carry-over", registry=reg)
+        self.journal_dropped = Counter("recsys_journal_dropped",
+                                       "Online upserts that will not survive a reload",
+                                       registry=reg)
+        for result in ("success", "failure"):
+            self.reloads.labels(result=result)
+        self._http = None
+        self._info_labels: tuple[str, ...] | None = None
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Record one finished RPC."""
+        self.request_duration.labels(method=method, code=code).observe(seconds)
+        self.requests.labels(method=method, code=code).inc()
+
+    def loaded(self, model) -> None:
+        """Export the gauges of the model now served."""
+        m = model.manifest
+        labels = (str(m.version), m.backbone, m.faiss_factory)
+        if labels != self._info_labels:
+            if self._info_labels is not None:
+                self.build_info.remove(*self._info_labels)
+            self.build_info.labels(*labels).set(1)
+            self._info_labels = labels
+        self.model_version.set(m.version)
+        self.index_items.set(model.n_items)
+
+    def start_http(self, host: str = "127.0.0.1", port: int = 9100) -> int:
+        """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._http.server_port
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop_http(self) -> None:
+        """Stop the metrics HTTP server if running."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

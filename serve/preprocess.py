@@ -1,0 +1,143 @@
+"""Image preprocessing for the ONNX image tower, re-implemented torch-free from preprocess.json.
+
+Serving may not import `train/`, so this module repeats the steps of
+`train.encoders.preprocess` (open_clip's eval transform in Pillow + numpy) from the same spec
+fields; `tests/serve/test_preprocess.py` asserts equality with the training code on odd images:
+
+1. resize in the image's own mode: `shortest` (square target: short side to size, long side
+   `int(size * long / short)`; non-square: scale `1 / min(h/th, w/tw)`, rounded, always bicubic),
+   `longest` (scale `1 / max(...)`, rounded, then pad with `fill_color`), or `squash`;
+2. centre crop at `int(round((h - th) / 2))`, `int(round((w - tw) / 2))`, zero-padding if smaller;
+3. RGB, uint8 / 255, `(x - mean) / std`, layout (3, H, W).
+
+Unlike training, where an unreadable file silently becomes a blank, a request's image must
+decode: failures raise `InvalidArgument`, and images over the pixel limit `ResourceExhausted`
+(checked from the header before decoding, against decompression bombs; keep the limit below
+Pillow's own `Image.MAX_IMAGE_PIXELS`). A missing image (no
+bytes) is the blank mean-colour image: all zeros after normalisation, as in training.
+"""
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from serve.errors import InvalidArgument, ResourceExhausted
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageSpec(BaseModel):
+    """preprocess.json: the fields of train.encoders.preprocess.PreprocessSpec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
+    fill_color: int = 0
+    blank: Literal["mean"] = "mean"
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes fully; InvalidArgument if impossible, ResourceExhausted if huge."""
+    if not data:
+        raise InvalidArgument("image is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ResourceExhausted(f"image refused as a decompression bomb: {err}") from err
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad headers
+        raise InvalidArgument(f"image could not be decoded: {type(err).__name__}") from err
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ResourceExhausted(f"image has {w}x{h} pixels, more than the limit of {max_pixels}")
+    try:
+        img.load()
+    except Exception as err:  # noqa: BLE001 - truncated or corrupt data, many exception types
+        raise InvalidArgument(f"image could not be decoded: {type(err).__name__}") from err
+    return img
+
+
+def resized_size(w: int, h: int, spec: ImageSpec) -> tuple[int, int]:
+    """Target (width, height) of the resize step, with torchvision's rounding rules."""
+    th, tw = spec.size
+    if spec.resize_mode == "squash":
+        return tw, th
+    if spec.resize_mode == "shortest" and th == tw:
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(th * long / short)
+        return (th, new_long) if w <= h else (new_long, th)
+    ratio_h, ratio_w = h / th, w / tw
+    ratio = max(ratio_h, ratio_w) if spec.resize_mode == "longest" else min(ratio_h, ratio_w)
+    return round(w / ratio), round(h / ratio)
+
+
+def _resample(spec: ImageSpec) -> Image.Resampling:
+    """Resampling filter; the non-square `shortest` path is always bicubic (as open_clip)."""
+    if spec.resize_mode == "shortest" and spec.size[0] != spec.size[1]:
+        return Image.Resampling.BICUBIC
+    return _RESAMPLE[spec.interpolation]
+
+
+def _pad(img: Image.Image, th: int, tw: int, fill: int) -> Image.Image:
+    """Centre the image on a canvas at least (th, tw), filled with `fill`."""
+    w, h = img.size
+    bands = len(img.getbands())
+    canvas = Image.new(img.mode, (max(w, tw), max(h, th)), fill if bands == 1 else (fill,) * bands)
+    if img.mode == "P":
+        canvas.putpalette(img.getpalette())
+    canvas.paste(img, (max(tw - w, 0) // 2, max(th - h, 0) // 2))
+    return canvas
+
+
+def crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int = 0) -> Image.Image:
+    """Centre crop to (th, tw), padding with `fill` first where the image is smaller."""
+    th, tw = size
+    if tw > img.width or th > img.height:
+        img = _pad(img, th, tw, fill)
+        if img.size == (tw, th):
+            return img
+    w, h = img.size
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return img.crop((left, top, left + tw, top + th))
+
+
+def normalise(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """RGB uint8 image -> normalised float32 (3, H, W)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    return (arr.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def blank(spec: ImageSpec) -> np.ndarray:
+    """The blank image in the mean colour: zeros after normalisation, (3, H, W)."""
+    return np.zeros((3, *spec.size), dtype=np.float32)
+
+
+def transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Decoded image -> (3, H, W) float32; InvalidArgument if its shape cannot be resized."""
+    size = resized_size(img.width, img.height, spec)
+    if min(size) < 1:
+        raise InvalidArgument(f"image of {img.width}x{img.height} pixels is too thin to resize")
+    try:
+        if size != img.size:
+            img = img.resize(size, _resample(spec))
+        fill = spec.fill_color if spec.resize_mode == "longest" else 0
+        return normalise(crop_or_pad(img, spec.size, fill), spec)
+    except (ValueError, OSError) as err:
+        raise InvalidArgument(f"image could not be transformed: {err}") from err
+
+
+def preprocess(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Image bytes -> (3, H, W) float32; no bytes -> the blank image."""
+    if not data:
+        return blank(spec)
+    return transform(decode(data, max_pixels), spec)

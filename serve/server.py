@@ -1,0 +1,174 @@
+"""Server wiring: gRPC server, health, reflection, metrics endpoint and the bundle watcher.
+
+    python -m serve --bundles DIR [--host 127.0.0.1] [--port 50051] [--metrics-port 9100]
+
+`start(ServerConfig(...))` returns a `RunningServer` whose `port` is the bound port (port 0 picks a
+free one), so tests and benchmarks can run a real server in-process. The process imports neither
+torch nor `train/`.
+
+Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for "" and
+"ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. The watcher thread loads the bundle that
+`bundles/CURRENT` names (sha256-verified, smoke-queried) and only then flips health to SERVING. On
+stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING, the watcher stops, and
+`server.stop(grace)` lets in-flight RPCs finish.
+
+Hot reload and online upserts (details in serve.reload): a newly published bundle is loaded,
+verified and smoke-queried off the request path, the journal of online upserts is re-encoded with
+the new encoder (deletes re-applied), and one reference is swapped; a broken bundle is refused
+(`recsys_reloads_total{result="failure"}`) and the old one keeps serving. The journal is bounded
+and in memory: online upserts beyond its bounds, or made before a restart, are dropped.
+
+Concurrency. A thread pool serves RPCs; FAISS searches run concurrently under the read side of
+a readers-writer lock and upserts/deletes take the write side. `faiss.omp_set_num_threads(1)`
+(configurable) because single-query searches are faster without OpenMP start-up.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import faiss
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.limits import MIB, Limits
+from serve.metrics import Metrics
+from serve.reload import Journal, ModelHolder, Watcher, build_model
+from serve.servicer import SERVICE_NAME, RecommenderServicer
+
+log = logging.getLogger(__name__)
+
+
+class ServerConfig(BaseModel):
+    """Everything the server needs; built by __main__ or by tests, never from the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundles: Path
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9100, ge=0, le=65535, description="None: no metrics HTTP")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    poll_seconds: float = Field(2.0, gt=0)
+    retry_seconds: float = Field(60.0, ge=0)
+    workers: int = Field(8, ge=1)
+    max_concurrent_rpcs: int = Field(256, ge=1)
+    grace_seconds: float = Field(5.0, ge=0)
+    faiss_threads: int = Field(1, ge=1)
+    encoder_threads: int = Field(1, ge=1)
+    limits: Limits = Field(default_factory=Limits)
+
+
+class RunningServer:
+    """A started server: its ports, collaborators and a stop()."""
+
+    def __init__(self, server: grpc.Server, port: int, metrics_port: int | None,
+                 holder: ModelHolder, watcher: Watcher, health_servicer: health.HealthServicer,
+                 metrics: Metrics, grace: float):
+        self.server, self.port, self.metrics_port = server, port, metrics_port
+        self.holder, self.watcher, self.health, self.metrics = holder, watcher, health_servicer, metrics
+        self.grace = grace
+        self.ready = threading.Event()
+        self._stopped = False
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a bundle is loaded and SERVING (or timeout); returns whether it is."""
+        return self.ready.wait(timeout)
+
+    def set_serving(self, _model=None) -> None:
+        """Mark the service SERVING (called after each successful load)."""
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, stop the watcher, let in-flight RPCs finish, stop metrics."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.health.enter_graceful_shutdown()
+        self.watcher.stop()
+        self.server.stop(self.grace if grace is None else grace).wait()
+        self.metrics.stop_http()
+        log.info("server stopped")
+
+    def wait(self) -> None:
+        """Block until the gRPC server terminates."""
+        self.server.wait_for_termination()
+
+
+def _grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Channel options: message sizes leave room for the largest allowed image."""
+    return [("grpc.max_receive_message_length", cfg.limits.max_image_bytes + MIB),
+            ("grpc.max_send_message_length", 64 * MIB),
+            ("grpc.so_reuseport", 0)]
+
+
+def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
+    """Add the (TLS or plaintext) port; returns the bound port."""
+    address = f"{cfg.host}:{cfg.port}"
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    if cfg.tls_cert is not None:
+        creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise RuntimeError(f"could not bind {address}")
+    return port
+
+
+def _health() -> health.HealthServicer:
+    """Health service, NOT_SERVING until a bundle is loaded."""
+    servicer = health.HealthServicer(experimental_non_blocking=True,
+                                     experimental_thread_pool=futures.ThreadPoolExecutor(1))
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return servicer
+
+
+def start(cfg: ServerConfig) -> RunningServer:
+    """Start the gRPC server, metrics endpoint and watcher; returns at once (not yet SERVING)."""
+    faiss.omp_set_num_threads(cfg.faiss_threads)
+    metrics = Metrics()
+    holder = ModelHolder(Journal(cfg.limits.journal_max_items, cfg.limits.journal_max_bytes,
+                                 metrics), metrics)
+    server = grpc.server(futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="rpc"),
+                         options=_grpc_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
+                                              server)
+    health_servicer = _health()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, cfg)
+    metrics_port = (None if cfg.metrics_port is None
+                    else metrics.start_http(cfg.metrics_host, cfg.metrics_port))
+
+    def build(path: Path):
+        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels)
+
+    watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
+    running = RunningServer(server, port, metrics_port, holder, watcher, health_servicer, metrics,
+                            cfg.grace_seconds)
+    watcher.on_swap = running.set_serving
+    server.start()
+    watcher.start()
+    log.info("gRPC on %s:%d (%s), bundles from %s", cfg.host, port,
+             "TLS" if cfg.tls_cert else "plaintext", cfg.bundles)
+    return running
+
+
+def serve(bundles: str | Path, host: str = "127.0.0.1", port: int = 0,
+          **options) -> RunningServer:
+    """Start a server on host:port (0: a free port); see ServerConfig for the options."""
+    options.setdefault("metrics_port", None)
+    return start(ServerConfig(bundles=Path(bundles), host=host, port=port, **options))

@@ -1,0 +1,130 @@
+"""The gRPC servicer: one short method per RPC over a model holder, metrics and limits.
+
+Every method reads `holder.model` once, so a hot swap never changes the model mid-request. Errors
+map to status codes through the ServeError classes (see serve.limits and the README's table); any
+other exception becomes INTERNAL with a reference that is also logged, so the server never dies
+on input.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+
+from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.errors import ServeError
+from serve.limits import Limits, check_batch, check_id, check_item, check_query
+from serve.metrics import Metrics
+from serve.model import POPULAR, RECENT, USER, Recommendation, ServingModel
+from serve.reload import ModelHolder
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+_SOURCES = {USER: pb.SOURCE_USER_VECTOR, RECENT: pb.SOURCE_RECENT_ITEMS,
+            POPULAR: pb.SOURCE_POPULARITY}
+
+
+def to_response(rec: Recommendation, version: int) -> pb.RecommendResponse:
+    """A Recommendation as a RecommendResponse."""
+    resp = pb.RecommendResponse(model_version=version, source=_SOURCES[rec.source],
+                                fallback=rec.source != USER, fallback_reason=rec.reason)
+    for item_id, score in zip(rec.item_ids.tolist(), rec.scores.tolist()):
+        resp.items.add(item_id=item_id, score=score)
+    return resp
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """Implements ptmrec.v1.Recommender."""
+
+    def __init__(self, holder: ModelHolder, metrics: Metrics, limits: Limits | None = None):
+        self.holder, self.metrics, self.limits = holder, metrics, limits or Limits()
+
+    def Recommend(self, request, context):
+        """Top-k for one user."""
+        return self._handle("Recommend", context, lambda: self._recommend(request))
+
+    def RecommendBatch(self, request, context):
+        """Several Recommend calls from one model snapshot."""
+        def run():
+            check_batch(len(request.requests), self.limits)
+            model = self.holder.require()
+            queries = [self._query(r) for r in request.requests]
+            return pb.RecommendBatchResponse(
+                responses=[self._answer(model, q) for q in queries])
+        return self._handle("RecommendBatch", context, run)
+
+    def EncodeItem(self, request, context):
+        """Vector of a raw item, no side effects."""
+        def run():
+            check_item(request.image, request.text, self.limits)
+            model = self.holder.require()
+            model.require_encoder()
+            with self.metrics.encode_duration.time():
+                vec = model.encode(request.image, request.text)
+            return pb.EncodeItemResponse(vector=vec.tolist(), model_version=model.version)
+        return self._handle("EncodeItem", context, run)
+
+    def UpsertItem(self, request, context):
+        """Encode an item and insert it into the live index."""
+        def run():
+            item_id = check_id(request.item_id)
+            check_item(request.image, request.text, self.limits)
+            self.holder.require().require_encoder()
+            with self.metrics.encode_duration.time():
+                replaced, model = self.holder.upsert(item_id, request.image, request.text,
+                                                     request.overwrite)
+            return pb.UpsertItemResponse(item_id=item_id, replaced=replaced,
+                                         model_version=model.version, index_items=model.n_items)
+        return self._handle("UpsertItem", context, run)
+
+    def DeleteItem(self, request, context):
+        """Remove an item from the live index."""
+        def run():
+            item_id = check_id(request.item_id)
+            model = self.holder.delete(item_id)
+            return pb.DeleteItemResponse(item_id=item_id, model_version=model.version,
+                                         index_items=model.n_items)
+        return self._handle("DeleteItem", context, run)
+
+    def GetModelInfo(self, request, context):
+        """Manifest summary of the loaded bundle."""
+        return self._handle("GetModelInfo", context,
+                            lambda: pb.ModelInfo(**self.holder.require().info()))
+
+    def _query(self, request: pb.RecommendRequest):
+        """Validated fields of a RecommendRequest (exclude_seen defaults to true)."""
+        exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
+        return check_query(request.user_id, request.k, request.exclude_item_ids, exclude_seen,
+                           request.recent_item_ids, self.limits)
+
+    def _recommend(self, request: pb.RecommendRequest) -> pb.RecommendResponse:
+        """Validate, then answer from the live model."""
+        query = self._query(request)
+        return self._answer(self.holder.require(), query)
+
+    def _answer(self, model: ServingModel, query) -> pb.RecommendResponse:
+        """Run a validated query and count its source."""
+        rec = model.recommend(query)
+        self.metrics.sources.labels(source=rec.source).inc()
+        return to_response(rec, model.version)
+
+    def _handle(self, method: str, context: grpc.ServicerContext, run: Callable):
+        """Run one RPC body: time it, count it, map errors to status codes."""
+        start = time.perf_counter()
+        code, detail = "OK", ""
+        try:
+            return run()
+        except ServeError as err:
+            code, detail = err.code, str(err)
+        except Exception:  # noqa: BLE001 - never let input kill the server
+            ref = uuid.uuid4().hex[:12]
+            log.exception("%s failed (ref %s)", method, ref)
+            code, detail = "INTERNAL", f"internal error (ref {ref}); see the server log"
+        finally:
+            self.metrics.observe(method, code, time.perf_counter() - start)
+        context.abort(getattr(grpc.StatusCode, code), detail)

@@ -1,0 +1,94 @@
+"""serve.preprocess reproduces train.encoders.preprocess exactly, and refuses bad images."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve import preprocess as sp
+from serve.errors import InvalidArgument, ResourceExhausted
+from train.encoders import preprocess as tp
+
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """A random image of a given size and mode."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def _bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    """Encoded image file."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+ODD = [_noise(300, 200), _noise(37, 91, seed=1), _noise(65, 64, "L", 2),
+       _noise(128, 50, "RGBA", 3), _noise(99, 71, "P", 4), _noise(64, 64, seed=5),
+       _noise(20, 20, seed=7), _noise(500, 17, "LA", 8), _noise(1, 300, seed=6)]
+SPECS = [dict(size=(64, 64)), dict(size=(224, 224)), dict(size=(64, 48)),
+         dict(size=(64, 64), resize_mode="longest", interpolation="bilinear", fill_color=128),
+         dict(size=(64, 64), resize_mode="squash"), dict(size=(32, 32), interpolation="bilinear")]
+
+
+def test_spec_fields_match_training():
+    assert set(sp.ImageSpec.model_fields) == set(tp.PreprocessSpec.model_fields)
+    train_spec = tp.PreprocessSpec(size=(64, 48), mean=MEAN, std=STD, resize_mode="longest")
+    assert sp.ImageSpec.model_validate_json(train_spec.model_dump_json()).model_dump() == \
+        train_spec.model_dump()
+
+
+@pytest.mark.parametrize("fields", SPECS, ids=lambda f: "-".join(map(str, f.values())))
+def test_parity_with_training(fields):
+    ours, theirs = sp.ImageSpec(mean=MEAN, std=STD, **fields), tp.PreprocessSpec(
+        mean=MEAN, std=STD, **fields)
+    for img in ODD:
+        for fmt in ("PNG", "WEBP") if img.mode in ("RGB", "RGBA", "L") else ("PNG",):
+            data = _bytes(img, fmt)
+            expected = tp.preprocess_image(data, theirs)
+            if expected is None:  # training substitutes a blank; serving refuses the image
+                with pytest.raises(InvalidArgument):
+                    sp.preprocess(data, ours)
+                continue
+            got = sp.preprocess(data, ours)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected, err_msg=f"{img.size} {img.mode} {fmt}")
+
+
+def test_jpeg_and_blank_parity():
+    ours = sp.ImageSpec(size=(32, 32), mean=MEAN, std=STD)
+    theirs = tp.PreprocessSpec(size=(32, 32), mean=MEAN, std=STD)
+    data = _bytes(_noise(90, 60, seed=3), "JPEG")
+    np.testing.assert_array_equal(sp.preprocess(data, ours), tp.preprocess_image(data, theirs))
+    np.testing.assert_array_equal(sp.preprocess(b"", ours), tp.blank_array(theirs))
+    assert not sp.blank(ours).any()
+
+
+@pytest.mark.parametrize("data", [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+                                  _bytes(_noise(50, 50))[:200]], ids=["garbage", "header", "cut"])
+def test_undecodable_is_invalid_argument(data):
+    with pytest.raises(InvalidArgument, match="decoded"):
+        sp.decode(data)
+
+
+def test_empty_bytes_are_invalid_for_decode():
+    with pytest.raises(InvalidArgument, match="empty"):
+        sp.decode(b"")
+
+
+def test_pixel_limit_checked_before_decoding():
+    huge = _bytes(Image.new("1", (4000, 3000)))  # 12 Mpx in a few kB
+    assert len(huge) < 10_000
+    with pytest.raises(ResourceExhausted, match="4000x3000"):
+        sp.decode(huge, max_pixels=1_000_000)
+
+
+def test_pillow_bomb_guard_is_resource_exhausted(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow refuses > 2x this at open
+    with pytest.raises(ResourceExhausted, match="bomb"):
+        sp.decode(_bytes(Image.new("1", (4000, 3000))), max_pixels=10**9)
