@@ -1,0 +1,239 @@
+"""Stage 2 of PTMRec (Zhang et al. 2025): knowledge-guided tuning of the encoders.
+
+Starting from a stage-1 run, a PEFT method (deep IVLP prompts by default; LoRA or (IA)^3 through
+peft) is attached to each encoder tower; everything else in the towers stays frozen. Each step:
+the backbone trains on its own loss; the prompts and the content heads train on
+L_KT = Σ_m KL(p_id || p_m) over the first `kt_batch_size` pairs of the batch (items deduplicated
+before encoding), with p_id from a per-epoch detached snapshot of the backbone's embeddings.
+Before every validation all items are re-encoded (no grad, batched) and replace the backbone's
+feature tables; early stopping and test-at-best-valid are as in stage 1. Mixed precision (bf16
+autocast) on CUDA. Ablations: `from_stage1: false` (joint prompts without stage 1) and
+`kt_weight: 0` (two stages without KT: the prompts then receive no gradient in this design).
+
+`python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from train import checkpoint
+from train.backbones import build_backbone
+from train.coldstart import hold_out_items
+from train.config import apply_override, load_config
+from train.data import load_dataset
+from train.encoders import build_encoder
+from train.encoders.peft_methods import PeftMethodConfig, apply_peft
+from train.encoders.prompts import PromptConfig, count_trainable, prompted_text_config
+from train.evaluate import Evaluator
+from train.features import item_features
+from train.fit import BEST, evaluate_model
+from train.heads import ContentHeads, HeadsConfig
+from train.losses import knowledge_transfer
+from train.sampling import NegativeSampler, epoch_batches
+from train.stage1 import backbone_inputs, cold_start_metrics, metrics_table, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+class Stage2Config(BaseModel):
+    """Knowledge-guided encoder tuning on top of a stage-1 run."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: PeftMethodConfig = Field(default_factory=PromptConfig)
+    modalities: list[Literal["image", "text"]] = ["image", "text"]
+    kt_batch_size: int = Field(128, ge=2)
+    kt_steps_per_epoch: int | None = Field(None, ge=1, description="cap on KT steps (CPU runs)")
+    grad_accumulation: int = Field(1, ge=1)
+    epochs: int = Field(50, ge=1)
+    patience: int = Field(10, ge=0)
+    learning_rate: float = 1e-3
+    from_stage1: bool = True
+    kt_weight: float = Field(1.0, ge=0.0)
+    encode_batch_size: int = Field(64, ge=1)
+
+
+def build_towers(enc_cfg, s2: Stage2Config) -> dict[str, torch.nn.Module]:
+    """Towers of the stage-1 encoders with the PEFT method attached."""
+    towers = {}
+    for m in s2.modalities:
+        tower_cfg = getattr(enc_cfg, m)
+        if tower_cfg is None:
+            raise ValueError(f"stage 2 tunes the {m} tower but the stage-1 run has no {m} encoder")
+        if tower_cfg.name == "openclip_text" and isinstance(s2.method, PromptConfig):
+            tower_cfg = prompted_text_config(tower_cfg, s2.method.n_ctx)
+        towers[m] = apply_peft(build_encoder(tower_cfg), s2.method)
+    return towers
+
+
+def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool) -> torch.Tensor:
+    """Encode raw items in batches, (N, d) on device."""
+    out = []
+    with torch.set_grad_enabled(grad):
+        for s in range(0, len(raw), batch_size):
+            prepared = tower.prepare_counted(raw[s:s + batch_size])[0]
+            prepared = ({k: v.to(device) for k, v in prepared.items()}
+                        if isinstance(prepared, dict) else prepared.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(tower(prepared).float())
+    return torch.cat(out)
+
+
+def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, torch.Tensor]:
+    """Re-encode every item with the tuned towers (frozen features for the other modalities)
+    and write the result into the backbone's feature tables."""
+    for t in towers.values():
+        t.eval()
+    tuned = {m: encode(t, raw[m], s2.encode_batch_size, device, grad=False)
+             for m, t in towers.items()}
+    feats = raw["frozen"] | tuned
+    tables = getattr(model, "features", {})
+    for m, f in tuned.items():
+        if m in tables and tables[m].shape == f.shape:
+            tables[m].data.copy_(f)
+    return feats
+
+
+def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
+    """KT loss of the first kt_batch_size pairs, encoding each distinct item once."""
+    users, pos = batch.users[:s2.kt_batch_size], batch.pos[:s2.kt_batch_size]
+    uniq, inverse = torch.unique(pos, return_inverse=True)
+    u, i = targets[0][users].detach(), targets[1][pos].detach()
+    loss = torch.zeros((), device=device)
+    for m, tower in towers.items():
+        tower.train()
+        f = encode(tower, [raw[m][j] for j in uniq.tolist()], len(uniq), device, grad=True)
+        loss = loss + knowledge_transfer(u, i, u, heads.heads[m](f)[inverse])
+    return s2.kt_weight * loss
+
+
+def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
+    """One epoch: backbone loss on every batch, KT on the first `step_cap` batches."""
+    with torch.no_grad():
+        targets = model.embeddings()
+    total, n = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for n, batch in enumerate(batches, start=1):
+        loss = model.loss(batch)
+        if s2.kt_weight > 0 and n <= step_cap:
+            loss = loss + kt_step_loss(heads, towers, raw, targets, batch, s2, device)
+        (loss / s2.grad_accumulation).backward()
+        if n % s2.grad_accumulation == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+    optimizer.step()
+    return total / max(1, n)
+
+
+def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.device) -> dict:
+    """Tune the encoders of a stage-1 run and write metrics.json / best.pt to `out`."""
+    cfg = load_config(stage1_run / "config.yaml")
+    if cfg.encoders is None:
+        raise ValueError(f"{stage1_run}: stage 2 needs a stage-1 run with encoders configured")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage2.yaml").write_text(yaml.safe_dump(s2.model_dump(mode="json"), sort_keys=False))
+    seed_everything(cfg.seed)
+    dataset = load_dataset(cfg.data.path)
+    dataset.features = item_features(cfg.encoders, dataset, device)
+    split = None
+    if cfg.cold_start:
+        dataset, split = hold_out_items(dataset, cfg.cold_start.holdout_fraction, cfg.seed)
+    inputs = backbone_inputs(dataset, device)
+    model = build_backbone(cfg.backbone, inputs).to(device)
+    heads = ContentHeads(cfg.heads or HeadsConfig(modalities=s2.modalities),
+                         {m: f.shape[1] for m, f in inputs.features.items()},
+                         model.user_embeddings().shape[1]).to(device)
+    modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
+    if s2.from_stage1:
+        missing = modules.load_state_dict(checkpoint.load(stage1_run / BEST), strict=False)
+        log.info("loaded stage-1 weights from %s (not in stage 1: %s)", stage1_run,
+                 missing.missing_keys or "none")
+    towers = build_towers(cfg.encoders, s2)
+    for t in towers.values():
+        t.to(device)
+    modules["towers"] = torch.nn.ModuleDict(towers)
+    raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": inputs.features}
+    return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device)
+
+
+def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device) -> dict:
+    """Early-stopped stage-2 loop with re-encoding before every validation."""
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=s2.learning_rate)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = NegativeSampler(dataset.train, dataset.n_items)
+    valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)
+    test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
+    train_pairs = torch.from_numpy(dataset.train)
+    feats = refresh_features(model, towers, raw, s2, device)
+    best, best_epoch, bad, history, result = -math.inf, -1, 0, [], {}
+    step_cap = s2.kt_steps_per_epoch or math.inf
+    for epoch in range(s2.epochs):
+        t0 = time.perf_counter()
+        modules.train()
+        model.on_epoch_start(generator)
+        batches = epoch_batches(train_pairs, sampler, cfg.optim.batch_size, generator)
+        loss = train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap)
+        feats = refresh_features(model, towers, raw, s2, device)
+        valid = evaluate_model(model, valid_eval)
+        history.append({"epoch": epoch, "loss": loss, "valid": valid,
+                        "seconds": time.perf_counter() - t0})
+        log.info("stage 2 epoch %d: loss %.4f valid %s %.4f (%.1f s)", epoch, loss,
+                 cfg.eval.valid_metric, valid[cfg.eval.valid_metric], history[-1]["seconds"])
+        if valid[cfg.eval.valid_metric] > best:
+            best, best_epoch, bad = valid[cfg.eval.valid_metric], epoch, 0
+            result = {"valid": valid, "test": evaluate_model(model, test_eval)}
+            if split is not None:
+                result["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
+                                                          cfg.cold_start.ks, cfg.seed)
+            checkpoint.save_atomic({k: v for k, v in modules.state_dict().items()}, out / BEST)
+        else:
+            bad += 1
+            if bad > s2.patience:
+                break
+    trainable = sum(count_trainable(t)[0] for t in towers.values())
+    encoder = sum(count_trainable(t)[1] for t in towers.values())
+    metrics = result | {"best_epoch": best_epoch, "epochs_run": len(history),
+                        "epoch_seconds": [h["seconds"] for h in history],
+                        "method": s2.method.name, "trainable_encoder_params": trainable,
+                        "encoder_params": encoder, "trainable_share": trainable / max(1, encoder)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m train.stage2", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="stage-1 run directory")
+    p.add_argument("--config", type=Path, help="stage-2 YAML (defaults: prompts n_ctx 2 depth 9)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    raw = yaml.safe_load(args.config.read_text()) if args.config else {}
+    for assignment in args.overrides:
+        apply_override(raw, assignment)
+    s2 = Stage2Config.model_validate(raw or {})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = run_stage2(args.run, s2, args.out, device)
+    stage1 = json.loads((args.run / "metrics.json").read_text())
+    print("\nstage 1 (frozen encoders):\n" + metrics_table(stage1))
+    print(f"\nstage 2 ({s2.method.name}, {metrics['trainable_share']:.3%} of encoder params):\n"
+          + metrics_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
