@@ -7,7 +7,8 @@ Recommend for random known users at each concurrency level, each level bounded b
 `--seconds` and `--max-requests`. Then EncodeItem latency, `--swaps` hot swaps while 8 clients
 keep calling (each swap publishes a new version hard-linked from the first one and waits until
 the server answers with it), and an optional `--soak-seconds` run that samples the server's
-VmRSS. Client and server share the machine's cores, so throughput is a lower bound.
+VmRSS. Client and server share the machine's cores, so throughput is a lower bound; the server's CPU
+time per RPC (from /proc/<pid>/stat) gives its capacity per core independently of the clients.
 
     python bench/serve_load.py --sizes 100000 1000000 --swaps 20 --soak-seconds 600
 """
@@ -221,6 +222,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def hot_swaps(root: Path, source: Path, target: str, n: int, args, spec) -> dict:
     """n swaps while 8 clients call Recommend; each waits until the server answers with it."""
     from serve.client import RecommenderClient
@@ -269,8 +276,12 @@ def bench_size(root: Path, n_items: int, args: argparse.Namespace) -> dict:
     proc, target = start_server(root, args.workers)
     out: dict = {"n_items": n_items, "rss_loaded_mib": rss_kib(proc.pid) / 1024}
     try:
-        out["levels"] = [Load(target, c, args, spec, args.seconds, args.max_requests).finish()
-                         for c in args.concurrency]
+        out["levels"] = []
+        for c in args.concurrency:
+            cpu = cpu_seconds(proc.pid)
+            level = Load(target, c, args, spec, args.seconds, args.max_requests).finish()
+            level["cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - cpu) / max(level["ok"], 1)
+            out["levels"].append(level)
         out["encode"] = bench_encode(target, args.encode_requests)
         if args.swaps:
             out["swaps"] = hot_swaps(root, source, target, args.swaps, args, spec)
@@ -284,13 +295,13 @@ def bench_size(root: Path, n_items: int, args: argparse.Namespace) -> dict:
 
 def report(results: list[dict]) -> None:
     """Markdown tables of everything measured."""
-    print("\n| items | clients | ok | errors | RPC/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| items | clients | ok | errors | RPC/s | p50 ms | p99 ms | server CPU ms/RPC |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for lv in r["levels"]:
             print(f"| {r['n_items']:,} | {lv['concurrency']} | {lv['ok']:,} | "
                   f"{sum(lv['errors'].values())} | {lv['rps']:.0f} | {lv['p50']:.2f} | "
-                  f"{lv['p99']:.2f} |")
+                  f"{lv['p99']:.2f} | {lv['cpu_ms']:.2f} |")
     print("\n| items | EncodeItem n | p50 ms | p99 ms | server RSS loaded MiB | exit code |")
     print("|---|---|---|---|---|---|")
     for r in results:

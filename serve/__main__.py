@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8, help="RPC thread pool size")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256)
     p.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on shutdown")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="let several server processes listen on the same port (SO_REUSEPORT)")
     p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per search")
     p.add_argument("--encoder-threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--max-image-mib", type=float, default=8.0)
@@ -52,6 +54,7 @@ def config_from_args(args: argparse.Namespace):
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
+        reuse_port=args.reuse_port,
         faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
 
 

@@ -18,7 +18,9 @@ the new encoder (deletes re-applied), and one reference is swapped; a broken bun
 (`recsys_reloads_total{result="failure"}`) and the old one keeps serving. The journal is bounded
 and in memory: online upserts beyond its bounds, or made before a restart, are dropped.
 
-Concurrency. A thread pool serves RPCs; FAISS searches run concurrently under the read side of
+Concurrency. A thread pool serves RPCs (the Python gRPC layer costs ~0.3 ms of CPU per RPC and
+holds the GIL for it; to use more cores, run several processes with `--reuse-port` on the same
+port, each loading the bundle); FAISS searches run concurrently under the read side of
 a readers-writer lock and upserts/deletes take the write side. `faiss.omp_set_num_threads(1)`
 (configurable) because single-query searches are faster without OpenMP start-up.
 """
@@ -61,6 +63,7 @@ class ServerConfig(BaseModel):
     workers: int = Field(8, ge=1)
     max_concurrent_rpcs: int = Field(256, ge=1)
     grace_seconds: float = Field(5.0, ge=0)
+    reuse_port: bool = Field(False, description="SO_REUSEPORT: several processes share the port")
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
@@ -108,7 +111,7 @@ def _grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """Channel options: message sizes leave room for the largest allowed image."""
     return [("grpc.max_receive_message_length", cfg.limits.max_image_bytes + MIB),
             ("grpc.max_send_message_length", 64 * MIB),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", int(cfg.reuse_port))]
 
 
 def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
