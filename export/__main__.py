@@ -1,4 +1,7 @@
-"""`python -m export --run RUN_DIR --bundles BUNDLES_DIR [--publish] [--quantize int8] [--factory F]`.
+"""Export a run: `python -m export --run RUN_DIR --bundles BUNDLES_DIR [--publish] [...]`.
+
+Options: --quantize int8, --factory FAISS_FACTORY (Flat, HNSW32, IVF256,Flat...), --exporter
+dynamo|legacy (the other is the fallback), --parity-items N, --threads N.
 
 Exit codes: 0 bundle written (and published with --publish), 1 export refused (parity, tokenizer,
 exporter or bundle error; nothing new is published), 2 bad arguments or unreadable run.
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundles", type=Path, required=True, help="bundles directory (vN/, CURRENT)")
     p.add_argument("--publish", action="store_true", help="point CURRENT at the new bundle")
     p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="ship dynamic-int8 ONNX encoders (cosine to torch >= 0.99 checked)")
+                   help="int8 ONNX encoders: dynamic int8, else weight-only int8, whichever first "
+                   "keeps cosine to torch >= 0.99")
     p.add_argument("--factory", default="Flat",
                    help="FAISS factory string of the item index, e.g. Flat, HNSW32, IVF256,Flat")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.run / "config.yaml").is_file():
+    if not any((args.run / name).is_file() for name in ("config.yaml", "stage2.yaml")):
         print(f"error: {args.run} is not a run directory (no config.yaml)", file=sys.stderr)
         return 2
     try:
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ValidationError, FileNotFoundError) as err:
         print(f"error: cannot read run {args.run}: {err}", file=sys.stderr)
         return 2
-    except (ExportError, BundleError, ValueError) as err:
+    except (ExportError, BundleError, ValueError, RuntimeError) as err:
         print(f"error: export refused: {err}", file=sys.stderr)
         return 1
     print(f"bundle {path.name} written to {path}" + (" and published" if args.publish else ""))

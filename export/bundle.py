@@ -1,4 +1,4 @@
-"""Bake a training run into a versioned bundle (DESIGN.md §7): vectors, ids, popularity, seen items.
+"""Bake a training run into a versioned bundle (DESIGN.md §7): vectors, ids, popularity, seen.
 
 Users are those with training interactions; their vectors are the backbone's `user_embeddings()` at
 the best-validation weights. Items with training interactions get `item_embeddings()`; items without
@@ -71,6 +71,9 @@ class BundleArrays:
 
 def load_run(run_dir: Path, device: torch.device = torch.device("cpu")) -> Run:
     """Rebuild data, features, backbone and heads exactly as stage 1 did, then load best.pt."""
+    if (run_dir / "stage2.yaml").is_file() and not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is a stage-2 run; exporting prompt-tuned towers is not "
+                          "supported yet (export its stage-1 run)")
     cfg = load_config(run_dir / "config.yaml")
     seed_everything(cfg.seed)
     full = load_dataset(cfg.data.path)
@@ -162,7 +165,8 @@ def parity_sample(full: Dataset, n: int, seed: int = 0) -> np.ndarray:
     has_image = np.array([p is not None for p in full.items.images], dtype=bool)
     pool = np.flatnonzero(has_text | has_image)
     drawn = np.random.default_rng(seed).choice(pool, size=min(n, len(pool)), replace=False)
-    lacking = [*np.flatnonzero(has_text & ~has_image)[:1], *np.flatnonzero(has_image & ~has_text)[:1]]
+    lacking = [*np.flatnonzero(has_text & ~has_image)[:1],
+               *np.flatnonzero(has_image & ~has_text)[:1]]
     chosen = lacking + [int(i) for i in drawn if i not in lacking]
     return np.sort(np.asarray(chosen[:max(n, len(lacking))], dtype=np.int64))
 
@@ -197,20 +201,22 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
     sample = parity_sample(run.full, n_items)
     towers = {m: build_encoder(c) for m, c in configs.items()}
     heads = {m: run.heads.heads[m].cpu() for m in towers}
-    metrics, vectors, kind, names = {}, {}, "bert", []
+    metrics, vectors, schemes, kind, names = {}, {}, {}, "bert", []
     if "image" in towers:
         images = [run.full.items.images[i] for i in sample]
         stats, vectors["image"] = onnx_export.export_image(
             towers["image"], heads["image"], images, workdir, quantize, exporter)
         metrics |= _prefixed("parity.image.", stats)
+        schemes["image"] = onnx_export.scheme(stats, quantize)
     if "text" in towers:
         texts = [run.full.items.texts[i] for i in sample]
         every = [t for t in run.full.items.texts if t][:MAX_TOKENIZER_TEXTS]
         stats, vectors["text"], kind, names = onnx_export.export_text(
             towers["text"], heads["text"], texts, every, workdir, quantize, exporter)
         metrics |= _prefixed("parity.text.", stats)
+        schemes["text"] = onnx_export.scheme(stats, quantize)
     metrics |= fused_parity(run, sample, vectors)
-    spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, quantize)
+    spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, schemes)
     return spec, metrics
 
 
@@ -261,9 +267,31 @@ def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
         path = write_bundle(bundles_dir, write_files, manifest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    bundle = load_bundle(path)
+    check_bundle(path)
     if publish_bundle:
-        publish(bundles_dir, bundle.version, verify=False)
+        publish(bundles_dir, path.name, verify=False)
     log.info("bundle %s: %d users, %d items (%d cold), encoders %s", path, len(arrays.user_ids),
              len(arrays.item_ids), arrays.n_cold, "yes" if spec else "no")
     return path
+
+
+def check_bundle(path: Path) -> None:
+    """Re-read a written bundle and check that its arrays agree with each other and the manifest."""
+    bundle = load_bundle(path)
+    m = bundle.manifest
+    users, user_ids = bundle.load_npy(USERS), bundle.load_npy(USER_IDS)
+    item_ids, popularity = bundle.load_npy(ITEM_IDS), bundle.load_npy(POPULARITY)
+    indptr, seen = bundle.load_npy(SEEN_INDPTR), bundle.load_npy(SEEN_ITEMS)
+    index = ann.load(bundle.file(ITEMS_INDEX))
+    problems = [
+        (users.shape != (m.counts.users, m.dim), f"users.npy {users.shape}"),
+        (user_ids.shape != (m.counts.users,), f"user_ids.npy {user_ids.shape}"),
+        (item_ids.shape != (m.counts.items,) or popularity.shape != item_ids.shape,
+         f"item_ids.npy {item_ids.shape}, popularity.npy {popularity.shape}"),
+        (index.d != m.dim or ann.ntotal(index) != m.counts.items, f"items.faiss d={index.d}"),
+        (not np.array_equal(np.sort(ann.live_ids(index)), item_ids), "index ids != item_ids.npy"),
+        (indptr.shape != (m.counts.users + 1,) or indptr[-1] != len(seen), "seen CSR"),
+    ]
+    bad = [what for failed, what in problems if failed]
+    if bad:
+        raise ExportError(f"{path}: inconsistent bundle: {'; '.join(bad)}")

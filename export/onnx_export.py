@@ -39,7 +39,7 @@ IMAGE_OUTPUT = "image_vec"
 TEXT_OUTPUT = "text_vec"
 MAX_BATCH = 65536
 EXPORTERS = ("dynamo", "legacy")
-QUANT_LEVELS = ("all", "keep-expanding", "keep-ffn")  # fewer MatMuls quantised at each level
+INT8_SCHEMES = ("int8-dynamic", "int8-weight-only")  # fastest first, most accurate second
 
 
 class ExportError(RuntimeError):
@@ -116,7 +116,8 @@ def _export_once(encoder: nn.Module, args: tuple, path: Path, axes: dict[int, st
                  max_len: int, exporter: str) -> None:
     """One torch.onnx.export call with the given exporter."""
     names, out = encoder.input_names, encoder.output_name
-    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None), _quiet_loggers(
+            "onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo"):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             torch.onnx.export(encoder, args, str(path), dynamo=True, external_data=False,
@@ -172,74 +173,59 @@ def session(path: Path | str, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
-    """(in, out) of every MatMul/Gemm whose weight is a 2-D initializer, by node name."""
-    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        shape = inits.get(node.input[1])
-        if shape is None or len(shape) != 2:
-            continue
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        out[node.name] = shape[::-1] if trans_b else shape
-    return out
-
-
-def _excluded(model: onnx.ModelProto, level: str) -> list[str]:
-    """Nodes left in fp32 at a level: none, expanding (FFN-in), or all non-square MatMuls."""
-    shapes = _weight_shapes(model)
-    if level == "all":
-        return []
-    if level == "keep-expanding":
-        return [n for n, (i, o) in shapes.items() if o >= 2 * i]
-    return [n for n, (i, o) in shapes.items() if o >= 2 * i or i >= 2 * o]
-
-
 @contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization logs every node on the root logger; mute it meanwhile."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet_loggers(*names: str):
+    """Mute chatty loggers (the quantisers log every node on the root logger) meanwhile."""
+    loggers = [logging.getLogger(n) for n in names] or [logging.getLogger()]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
-def quantize_int8(src: Path, dst: Path, level: str = "all") -> int:
-    """Dynamic int8 (per-channel weights) of MatMul/Gemm; returns how many nodes stayed fp32."""
+def quantize_int8(src: Path, dst: Path, scheme: str = "int8-dynamic") -> None:
+    """int8 MatMul weights: dynamic (per-channel weights, per-tensor activations) or weight-only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
 
     model = onnx.load(str(src))
     del model.graph.value_info[:]  # dynamo's value_info can contradict shape inference
-    excluded = _excluded(model, level)
-    plain = dst.with_name(dst.name + ".in.onnx")
-    onnx.save(model, str(plain))
-    try:
-        with _quiet_root_logger():
+    with _quiet_loggers():
+        if scheme == "int8-weight-only":
+            config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True,
+                                                  accuracy_level=4, bits=8)
+            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+            return
+        plain = dst.with_name(dst.name + ".in.onnx")
+        onnx.save(model, str(plain))
+        try:
             quantize_dynamic(str(plain), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded)
-    finally:
-        plain.unlink(missing_ok=True)
-    return len(excluded)
+                             op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            plain.unlink(missing_ok=True)
 
 
-def quantize_checked(src: Path, dst: Path, min_cosine: Callable[[Path], float]) -> dict:
-    """Quantise at the first level whose min cosine (vs torch) reaches INT8_MIN_COS."""
+def quantize_checked(src: Path, dst: Path,
+                     min_cosine: Callable[[Path], float]) -> tuple[str, float]:
+    """The first int8 scheme whose min cosine to torch reaches INT8_MIN_COS; (scheme, cosine)."""
     tried = []
-    for step, level in enumerate(QUANT_LEVELS):
-        n_fp32 = quantize_int8(src, dst, level)
+    for scheme in INT8_SCHEMES:
+        quantize_int8(src, dst, scheme)
         cos = min_cosine(dst)
-        tried.append(f"{level}: {cos:.4f}")
+        tried.append(f"{scheme}: {cos:.4f}")
         if cos >= INT8_MIN_COS:
-            log.info("int8 %s: level %s, %d MatMuls kept fp32, min cosine %.5f", src.name, level,
-                     n_fp32, cos)
-            return {"int8_cos_min": cos, "int8_level": float(step), "int8_fp32_nodes": n_fp32}
+            log.info("%s: %s, min cosine to torch %.5f", src.name, scheme, cos)
+            return scheme, cos
+        log.warning("%s: %s reaches only cosine %.4f", src.name, scheme, cos)
     dst.unlink(missing_ok=True)
-    raise ExportError(f"{src.name}: int8 cosine to torch below {INT8_MIN_COS} at every level "
+    raise ExportError(f"{src.name}: int8 cosine to torch below {INT8_MIN_COS} with every scheme "
                       f"({', '.join(tried)}); export without --quantize")
 
 
@@ -318,8 +304,9 @@ def _export_checked(encoder: nn.Module, tower: Tower, raw: list, example: list,
                "dynamo": float(used == "dynamo"), "items": float(len(raw))}
     if quantize == "int8":
         int8 = path.with_name(path.stem + ".int8.onnx")
-        metrics |= quantize_checked(path, int8, lambda p: compare(
+        scheme, metrics["int8_cos_min"] = quantize_checked(path, int8, lambda p: compare(
             reference, *onnx_vectors(p, serving, raw, PARITY_BATCH))["cos_min"])
+        metrics["int8_weight_only"] = float(scheme == "int8-weight-only")
         replace_file(int8, path)
         batched = onnx_vectors(path, serving, raw, PARITY_BATCH, singles=0)[0]
     log.info("%s parity: %s", path.name, ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
@@ -370,21 +357,30 @@ def _context_length(tower: Tower) -> int:
     return int(getattr(tower, "max_seq_length", None) or tower.context_length)
 
 
+def scheme(metrics: dict[str, float], quantize: str | None) -> str:
+    """The quantisation an encoder ended up with, from its parity metrics."""
+    if quantize is None:
+        return "none"
+    return "int8-weight-only" if metrics.get("int8_weight_only") else "int8-dynamic"
+
+
 def encoder_spec(image_tower: Tower | None, text_tower: Tower | None, kind: str,
-                 names: list[str], quantize: str | None) -> EncoderSpec:
+                 names: list[str], quantization: dict[str, str]) -> EncoderSpec:
     """The manifest's encoder contract (placeholders for the fields of an absent tower)."""
     image = image_tower.preprocess_spec() if image_tower is not None else {
         "size": (224, 224), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    has_text = text_tower is not None
     return EncoderSpec(
         image_size=image["size"][0], mean=image["mean"], std=image["std"],
         interpolation=image.get("interpolation", "bicubic"),
         resize_mode=image.get("resize_mode", "shortest"),
-        context_length=_context_length(text_tower) if text_tower is not None else 1,
-        tokenizer=kind if text_tower is not None else "bert",
+        context_length=_context_length(text_tower) if has_text else 1,
+        tokenizer=kind if has_text else "bert",
         image_encoder=IMAGE_ENCODER if image_tower is not None else None,
-        text_encoder=TEXT_ENCODER if text_tower is not None else None,
-        tokenizer_file=TOKENIZER if text_tower is not None else None,
+        text_encoder=TEXT_ENCODER if has_text else None,
+        tokenizer_file=TOKENIZER if has_text else None,
         preprocess_file=PREPROCESS if image_tower is not None else None,
-        text_inputs=names if text_tower is not None else [],
+        text_inputs=names if has_text else [],
         text_padding="longest" if kind == "bert" else "fixed",
-        quantization=quantize or "none")
+        image_quantization=quantization.get("image", "none"),
+        text_quantization=quantization.get("text", "none"))

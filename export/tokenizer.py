@@ -1,17 +1,18 @@
 """tokenizer.json for the exported text encoder: Hugging Face `tokenizers`, identical to training.
 
-MiniLM (BERT family): the model's own tokenizer.json with the tower's truncation (max_seq_length) and
-padding to the longest text of a batch, so the ONNX text encoder takes a dynamic sequence axis.
+MiniLM (BERT family): the model's own tokenizer.json with the tower's truncation (max_seq_length)
+and padding to the longest text of a batch, so the ONNX text encoder has a dynamic sequence axis.
 
 open_clip: a byte-level BPE rebuilt from open_clip's bundled vocabulary (Radford et al. 2021,
-`bpe_simple_vocab_16e6.txt.gz`): normalizers for open_clip's cleanup (the per-character fixes of
-ftfy 6.3 taken from its own tables: control characters, Latin ligatures, character width, curly
-quotes, then NFC; the common HTML entities, unescaped twice; whitespace collapsed and stripped;
-lowercase with Python's final sigma), open_clip's split regex, the `</w>` end-of-word suffix, SOT/EOT around the text,
-truncation to the context length that keeps EOT last, and zero padding to the fixed context length.
+`bpe_simple_vocab_16e6.txt.gz`). Normalizers redo open_clip's `_clean_lower`: the per-character
+fixes of ftfy 6.3 taken from its own tables (C1 controls read as Windows-1252, control characters,
+Latin ligatures, character width, curly quotes), NFC, HTML's legacy named and common numeric
+entities unescaped twice, whitespace collapsed and stripped, lowercase with Python's final sigma.
+Then open_clip's split regex, the `</w>` end-of-word suffix, SOT/EOT around the text, truncation to
+the context length that keeps EOT last, and zero padding to the fixed context length.
 Known gaps, caught by the export's parity check on the run's own texts: ftfy's mojibake repair
-(e.g. "Ã©" -> "é"), HTML entities outside the common set, and Python's final-sigma rule
-after more than two case-ignorable characters.
+(e.g. "Ã©" -> "é"), other HTML entities ("&hellip;", "&#8217;"), a literal "<start_of_text>"
+glued to punctuation, and Python's final-sigma rule after over eight case-ignorable characters.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ CLIP_SPLIT = (r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[
 _CASED = r"[\p{Lu}\p{Ll}\p{Lt}]"
 _CASE_IGNORABLE = (r"[\p{Mn}\p{Me}\p{Cf}\p{Lm}\p{Sk}'.:\x{b7}\x{387}\x{5f4}\x{2018}\x{2019}"
                    r"\x{2024}\x{2027}\x{fe13}\x{fe52}\x{fe55}\x{ff07}\x{ff0e}\x{ff1a}]")
-FINAL_SIGMA = (f"(?<={_CASED}|{_CASED}{_CASE_IGNORABLE}|{_CASED}{_CASE_IGNORABLE}{{2}})"
-               f"Σ(?!{_CASE_IGNORABLE}*{_CASED})")  # str.lower()'s final-sigma rule
-HTML_ENTITIES = ("&lt;", "&gt;", "&quot;", "&#39;", "&#x27;", "&apos;", "&nbsp;", "&amp;")
+_MAX_IGNORABLE = 8  # look-behind must be of bounded length
+_BEFORE_SIGMA = "|".join(f"{_CASED}{_CASE_IGNORABLE}{{{k}}}" for k in range(_MAX_IGNORABLE + 1))
+FINAL_SIGMA = f"(?<={_BEFORE_SIGMA})Σ(?!{_CASE_IGNORABLE}*{_CASED})"  # str.lower()'s rule
+NUMERIC_ENTITIES = ("&#39;", "&#x27;", "&#34;", "&#38;", "&#60;", "&#62;", "&#160;", "&apos;")
 BERT_INPUTS = ["input_ids", "attention_mask"]
 CLIP_INPUTS = ["input_ids"]
 
@@ -71,8 +73,11 @@ def clip_vocab(bpe_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 def _char_map_normalizers() -> list[normalizers.Normalizer]:
     """ftfy's per-character fixes (its own tables), as literal Replace normalizers."""
     from ftfy import chardata
+    from ftfy.fixes import fix_c1_controls
 
-    out = [normalizers.Replace(Regex("[" + "".join(
+    c1 = [(chr(c), fix_c1_controls(chr(c))) for c in range(0x80, 0xA0)]
+    out = [normalizers.Replace(c, fixed) for c, fixed in c1 if fixed != c]
+    out += [normalizers.Replace(Regex("[" + "".join(
         f"\\x{{{c:x}}}" for c in sorted(chardata.CONTROL_CHARS)) + "]"), "")]
     for table in (chardata.LIGATURES, chardata.WIDTH_MAP):
         out += [normalizers.Replace(chr(c), s) for c, s in sorted(table.items()) if chr(c) != s]
@@ -81,9 +86,20 @@ def _char_map_normalizers() -> list[normalizers.Normalizer]:
     return out
 
 
+def unescape_normalizers() -> list[normalizers.Normalizer]:
+    """One html.unescape pass: legacy named entities with ";" (and without, unless followed by
+    ";"), plus common numeric ones; longest names first."""
+    from html.entities import html5
+
+    legacy = sorted((n for n in html5 if not n.endswith(";")), key=lambda n: (-len(n), n))
+    exact = [f"&{n};" for n in legacy] + list(NUMERIC_ENTITIES)
+    out = [normalizers.Replace(e, html.unescape(e)) for e in sorted(exact, key=lambda e: -len(e))]
+    return out + [normalizers.Replace(Regex(f"&{n}(?!;)"), html5[n]) for n in legacy]
+
+
 def clip_normalizer() -> normalizers.Normalizer:
     """open_clip's `_clean_lower`: ftfy fixes, NFC, html unescape twice, whitespace, lowercase."""
-    unescape = [normalizers.Replace(e, html.unescape(e)) for e in HTML_ENTITIES]
+    unescape = unescape_normalizers()
     return normalizers.Sequence([
         *_char_map_normalizers(), normalizers.NFC(), *unescape, *unescape,
         normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
@@ -91,7 +107,7 @@ def clip_normalizer() -> normalizers.Normalizer:
 
 
 def clip_tokenizer(context_length: int, bpe_path: Path | None = None) -> Tokenizer:
-    """A `tokenizers` equivalent of open_clip's SimpleTokenizer(clean="lower") at a context length."""
+    """A `tokenizers` equivalent of open_clip's SimpleTokenizer(clean="lower")."""
     vocab, merges = clip_vocab(bpe_path or default_bpe_path())
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>",
                                fuse_unk=False))
@@ -127,11 +143,12 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str | None],
 
 PARITY_TEXTS = [
     "", "   ", "A red cotton T-shirt, size M.", "Don't you're we've I'm they'll he'd it's",
-    "DON'T SHOUT", "\u201ccurly\u201d \u2018quotes\u2019", "\ufb01ne \ufb02our", "\uff2c\uff2f\uff35\uff24",
-    "AT&amp;T &lt;b&gt; &quot;x&quot; &amp;amp;", "caf\u00e9 \u00fcn\u00efc\u00f6de \u2713 \U0001f600",
-    "\u4e2d\u6587 \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4", "\u0395\u039b\u039b\u0397\u039d\u0399\u039a\u0391 \u03a3\u039f\u03a6\u039f\u03a3",
-    "tab\tsep\x0bvt\x1cfs\r\nline", "price: $9.99 (50% off!) C++ & C#", "e\u0301 \u0130stanbul stra\u00dfe",
-    "word " * 300, "x" * 500,
+    "DON'T SHOUT", "\u201ccurly\u201d \u2018quotes\u2019", "\ufb01ne \ufb02our",
+    "\uff2c\uff2f\uff35\uff24", "AT&amp;T &lt;b&gt; &quot;x&quot; &amp;amp;",
+    "caf\u00e9 \u00fcn\u00efc\u00f6de \u2713 \U0001f600", "\u4e2d\u6587 \u65e5\u672c\u8a9e",
+    "\u0395\u039b\u039b\u0397\u039d\u0399\u039a\u0391 \u03a3\u039f\u03a6\u039f\u03a3",
+    "tab\tsep\x0bvt\x1cfs\r\nline", "price: $9.99 (50% off!) C++ & C#",
+    "e\u0301 \u0130stanbul stra\u00dfe", "word " * 300, "x" * 500,
 ]
 
 

@@ -63,8 +63,11 @@ class EncoderSpec(_Strict):
     text_padding: Literal["longest", "fixed"] = Field(
         "longest", description="tokenizer.json pads to the longest text of a batch (dynamic "
         "sequence axis, at most context_length) or always to context_length (fixed axis)")
-    quantization: Literal["none", "int8"] = Field(
-        "none", description="weights of the ONNX encoders: fp32, or dynamic int8 MatMuls")
+    image_quantization: Literal["none", "int8-dynamic", "int8-weight-only"] = Field(
+        "none", description="image_encoder.onnx weights: fp32, int8 MatMulInteger with dynamic "
+        "activation quantisation, or int8 weight-only MatMulNBits (com.microsoft)")
+    text_quantization: Literal["none", "int8-dynamic", "int8-weight-only"] = Field(
+        "none", description="text_encoder.onnx weights, as image_quantization")
 
     @field_validator("std")
     @classmethod

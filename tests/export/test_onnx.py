@@ -1,0 +1,58 @@
+"""ONNX wrappers on tiny towers: open_clip text export (fixed length), int8, exporter fallback."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from export import onnx_export
+from export.onnx_export import ExportError, ImageEncoder
+from train.encoders import TINY_CLIP, OpenClipImageConfig, OpenClipTextConfig, build_encoder
+
+TEXTS = ["a red round shoe", "", "Blue cotton T-shirt, size M. " * 8, "café ünïcode ✓"]
+
+
+def _head(dim_in: int, dim_out: int = 16) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(dim_in, dim_out)
+
+
+def test_open_clip_text_encoder_exports_with_fixed_length(tmp_path):
+    tower = build_encoder(OpenClipTextConfig(model=TINY_CLIP, init_seed=0))
+    metrics, vectors, kind, names = onnx_export.export_text(
+        tower, _head(tower.out_dim), TEXTS, TEXTS, tmp_path, "int8", "legacy")
+    assert (kind, names) == ("clip", ["input_ids"]) and vectors.shape == (4, 16)
+    assert metrics["max_abs"] <= 1e-4 and metrics["int8_cos_min"] >= 0.99
+    graph = onnx.load(str(tmp_path / "text_encoder.onnx")).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 32] and [o.name for o in graph.output] == ["text_vec"]
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob("*.data"))
+
+
+def test_dynamo_failure_falls_back_to_legacy(tmp_path, monkeypatch):
+    tower = build_encoder(OpenClipImageConfig(model=TINY_CLIP, init_seed=0))
+    encoder = ImageEncoder(tower, _head(tower.out_dim)).eval()
+    real = onnx_export._export_once
+
+    def flaky(encoder, args, path, axes, max_len, exporter):
+        if exporter == "dynamo":
+            raise RuntimeError("simulated dynamo failure")
+        return real(encoder, args, path, axes, max_len, exporter)
+
+    monkeypatch.setattr(onnx_export, "_export_once", flaky)
+    path = tmp_path / "image_encoder.onnx"
+    example = (torch.zeros(2, 3, 64, 64),)
+    assert onnx_export.export_encoder(encoder, example, path, {0: "batch"}) == "legacy"
+    session = onnx_export.session(path)
+    images = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(images)).numpy()
+    assert np.abs(session.run(None, {"image": images})[0] - expected).max() <= 1e-4
+    monkeypatch.setattr(onnx_export, "_export_once", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("both fail")))
+    with pytest.raises(ExportError, match="could not export"):
+        onnx_export.export_encoder(encoder, example, path, {0: "batch"})
+    assert not path.exists()

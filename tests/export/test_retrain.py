@@ -1,0 +1,51 @@
+"""The retraining job trains, exports and publishes; failures publish nothing."""
+from __future__ import annotations
+
+import fcntl
+
+import pytest
+import yaml
+
+from index.bundle import current_version, list_versions, load_bundle
+from train.retrain import LOCK, main
+from train.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrain")
+    generate(root / "data", n_users=60, n_items=40, seed=1)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed": 0, "data": {"path": str(root / "data")},
+        "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 256, "epochs": 2}, "eval": {"ks": [10, 20]}}))
+    return path
+
+
+def _args(config, tmp_path, *extra):
+    return ["--config", str(config), "--bundles", str(tmp_path / "bundles"),
+            "--runs-dir", str(tmp_path / "runs"), *extra]
+
+
+def test_two_retrains_publish_v1_then_v2(config, tmp_path):
+    assert main(_args(config, tmp_path)) == 0
+    assert current_version(tmp_path / "bundles") == "v1"
+    assert main(_args(config, tmp_path, "--set", "optim.epochs=1")) == 0
+    assert current_version(tmp_path / "bundles") == "v2"
+    assert list_versions(tmp_path / "bundles") == [1, 2]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    assert load_bundle(tmp_path / "bundles" / "v2").manifest.source_run == str(runs[1].resolve())
+
+
+def test_failures_publish_nothing(config, tmp_path):
+    assert main(_args(config, tmp_path)) == 0
+    assert main(_args(config, tmp_path, "--set", "data.path=/nonexistent")) == 1
+    assert main(_args(config, tmp_path, "--set", "backbone.bogus=1")) == 2
+    assert main(_args(config, tmp_path, "--factory", "NotAFactory")) == 1
+    with open(tmp_path / "bundles" / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(_args(config, tmp_path)) == 3
+    assert list_versions(tmp_path / "bundles") == [1]
+    assert current_version(tmp_path / "bundles") == "v1"

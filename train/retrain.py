@@ -1,0 +1,118 @@
+"""The batch retraining job: train a fresh run, export it, publish it (DESIGN.md §2).
+
+`python -m train.retrain --config CONFIG --bundles DIR [--runs-dir runs/retrain] [--set a.b=c ...]
+[--factory F] [--quantize int8]` trains stage 1 into RUNS_DIR/<UTC timestamp>/, exports that run
+into DIR/vN and points DIR/CURRENT at it; a server watching DIR then hot-swaps to it. Nothing is
+published when training or export fails (exit 1), the config is invalid (exit 2) or another retrain
+holds DIR's lock (exit 3): the server keeps serving the previous bundle.
+
+Nightly at 03:00 (cron):
+    0 3 * * * cd /srv/ptmrec && .venv/bin/python -m train.retrain --config configs/demo.yaml --bundles /srv/bundles >> /var/log/ptmrec-retrain.log 2>&1
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from export import export_run
+from train.__main__ import pick_device
+from train.config import load_config
+from train.stage1 import run_stage1
+
+log = logging.getLogger("train.retrain")
+LOCK = ".retrain.lock"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line arguments of the retraining job."""
+    p = argparse.ArgumentParser(prog="python -m train.retrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="YAML run config")
+    p.add_argument("--bundles", type=Path, required=True, help="bundles directory to publish to")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/retrain"),
+                   help="parent of the timestamped run directories")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
+                   help="override one config key (repeatable)")
+    p.add_argument("--factory", default="Flat", help="FAISS factory string of the item index")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 ONNX encoders")
+    return p.parse_args(argv)
+
+
+def fresh_run_dir(runs_dir: Path) -> Path:
+    """A new RUNS_DIR/<UTC timestamp>[-n] directory."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        candidate = runs_dir / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise RuntimeError(f"{runs_dir}: no free run directory for {stamp}")
+
+
+@contextlib.contextmanager
+def exclusive(bundles: Path):
+    """Hold DIR/.retrain.lock so that overlapping cron runs do not race; BlockingIOError if held."""
+    bundles.mkdir(parents=True, exist_ok=True)
+    with open(bundles / LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def retrain(args: argparse.Namespace) -> int:
+    """Train, export and publish; returns the exit code."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValidationError, ValueError, OSError) as err:
+        log.error("invalid config %s: %s", args.config, err)
+        return 2
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = fresh_run_dir(args.runs_dir)
+    start = time.perf_counter()
+    try:
+        metrics = run_stage1(cfg, run_dir, pick_device(cfg.device))
+    except Exception:  # noqa: BLE001 - any training failure must leave the live bundle alone
+        log.exception("training failed in %s; nothing published", run_dir)
+        return 1
+    log.info("trained %s in %.0f s (best valid epoch %d)", run_dir, time.perf_counter() - start,
+             metrics["best_epoch"])
+    try:
+        path = export_run(run_dir, args.bundles, factory=args.factory, quantize=args.quantize,
+                          publish_bundle=True)
+    except Exception:  # noqa: BLE001 - same: a failed export publishes nothing
+        log.exception("export of %s failed; nothing published", run_dir)
+        return 1
+    print(f"published {path.name} from {run_dir} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        with exclusive(args.bundles):
+            return retrain(args)
+    except BlockingIOError:
+        log.error("another retrain holds %s; exiting", args.bundles / LOCK)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
