@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from train import checkpoint
 from train.backbones import build_backbone
 from train.coldstart import hold_out_items
-from train.config import apply_override, load_config
+from train.config import apply_override, dump_config, load_config
 from train.data import load_dataset
 from train.encoders import build_encoder
 from train.encoders.peft_methods import PeftMethodConfig, apply_peft
@@ -44,6 +44,7 @@ from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import backbone_inputs, cold_start_metrics, metrics_table, seed_everything
 
 log = logging.getLogger(__name__)
+STAGE1_CONFIG = "stage1_config.yaml"  # the stage-1 run's config, for the exporter
 
 
 class Stage2Config(BaseModel):
@@ -143,6 +144,7 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
         raise ValueError(f"{stage1_run}: stage 2 needs a stage-1 run with encoders configured")
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage2.yaml").write_text(yaml.safe_dump(s2.model_dump(mode="json"), sort_keys=False))
+    dump_config(cfg, out / STAGE1_CONFIG)
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data.path)
     dataset.features = item_features(cfg.encoders, dataset, device)
