@@ -23,6 +23,8 @@ protos: $(STAMP)
 demo: setup
 	$(PY) -m train.synthetic --out $(DEMO)/data --users 800 --items 400 --seed 7
 	$(PY) -m train --config configs/demo.yaml --out $(DEMO)/run
+	$(PY) -m export --run $(DEMO)/run --bundles $(DEMO)/bundles --factory HNSW32 --publish
+	$(PY) -m serve.demo --bundles $(DEMO)/bundles --data $(DEMO)/data
 
 test: setup protos
 	$(PY) -m pytest
