@@ -1,7 +1,10 @@
 """Export a run: `python -m export --run RUN_DIR --bundles BUNDLES_DIR [--publish] [...]`.
 
+RUN_DIR is a stage-1 run (`python -m train`) or a stage-2 run (`python -m train.stage2`): the latter
+exports its tuned towers (prompts in the ONNX graph, LoRA / (IA)^3 merged into the weights).
 Options: --quantize int8, --factory FAISS_FACTORY (Flat, HNSW32, IVF256,Flat...), --exporter
-dynamo|legacy (the other is the fallback), --parity-items N, --threads N.
+dynamo|legacy (the other is the fallback), --parity-items N, --threads N, --stage1-run DIR (the
+stage-1 run of a stage-2 run written before stage 2 recorded its stage-1 config).
 
 Exit codes: 0 bundle written (and published with --publish), 1 export refused (parity, tokenizer,
 exporter or bundle error; nothing new is published), 2 bad arguments or unreadable run.
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-items", type=int, default=PARITY_ITEMS,
                    help="items of the dataset used for the ONNX parity check")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stage1-run", type=Path, default=None,
+                   help="stage-1 run of a stage-2 RUN_DIR without stage1_config.yaml")
     return p
 
 
@@ -54,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if not any((args.run / name).is_file() for name in ("config.yaml", "stage2.yaml")):
         print(f"error: {args.run} is not a run directory (no config.yaml)", file=sys.stderr)
         return 2
+    stage1_config = args.stage1_run / "config.yaml" if args.stage1_run else None
     try:
         path = export_run(args.run, args.bundles, factory=args.factory, quantize=args.quantize,
                           publish_bundle=args.publish, exporter=args.exporter,
-                          parity_items=args.parity_items)
+                          parity_items=args.parity_items, stage1_config=stage1_config)
     except (DatasetError, ValidationError, FileNotFoundError) as err:
         print(f"error: cannot read run {args.run}: {err}", file=sys.stderr)
         return 2

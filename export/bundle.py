@@ -6,6 +6,11 @@ any (held out by the cold-start protocol, only in valid/test, or only in items.t
 heads' fused cold vector when the run has heads, and are left out otherwise. External ids are the
 dataset's userID / itemID. The cold-start encoders (export.onnx_export) are exported, checked for
 parity and moved into the bundle, which `index.bundle.write_bundle` writes atomically.
+
+A stage-2 run (train.stage2; export.tuned) exports its own best-validation backbone and heads, cold
+vectors from the items re-encoded by its tuned towers, and ONNX towers with the tuning baked in
+(prompts in the graph, LoRA / (IA)^3 merged), parity-checked against the tuned torch towers; the
+manifest's `encoder.encoder_tuning` names the method.
 """
 from __future__ import annotations
 
@@ -13,14 +18,15 @@ import json
 import logging
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export import onnx_export
+from export import onnx_export, tuned
 from export.onnx_export import ExportError
+from export.tuned import Tuning
 from index import ann
 from index.bundle import (ITEM_IDS, ITEMS_INDEX, POPULARITY, SEEN_INDPTR, SEEN_ITEMS, USER_IDS,
                           USERS, load_bundle, publish, write_bundle)
@@ -31,10 +37,12 @@ from train.coldstart import hold_out_items
 from train.config import TrainConfig, load_config
 from train.data import Dataset, load_dataset
 from train.encoders import build_encoder
+from train.encoders.base import Tower
 from train.features import item_features
 from train.fit import BEST
-from train.heads import ContentHeads
+from train.heads import ContentHeads, HeadsConfig
 from train.stage1 import backbone_inputs, seed_everything
+from train.stage2 import Stage2Config, build_towers
 
 log = logging.getLogger(__name__)
 PARITY_ITEMS = 64
@@ -51,8 +59,11 @@ class Run:
     train: Dataset           # the training view (cold items held out)
     model: Backbone
     heads: ContentHeads | None
-    features: dict[str, torch.Tensor]
+    features: dict[str, torch.Tensor]  # tuned features for the modalities stage 2 tuned
     metrics: dict
+    towers: dict[str, Tower] = field(default_factory=dict)  # stage-2 tuned towers, as trained
+    tuning: Tuning = field(default_factory=Tuning)
+    config_hash: str = ""
 
 
 @dataclass
@@ -69,12 +80,15 @@ class BundleArrays:
     n_cold: int
 
 
-def load_run(run_dir: Path, device: torch.device = torch.device("cpu")) -> Run:
-    """Rebuild data, features, backbone and heads exactly as stage 1 did, then load best.pt."""
-    if (run_dir / "stage2.yaml").is_file() and not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir} is a stage-2 run; exporting prompt-tuned towers is not "
-                          "supported yet (export its stage-1 run)")
-    cfg = load_config(run_dir / "config.yaml")
+def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
+             stage1_config: Path | None = None) -> Run:
+    """Rebuild data, features, backbone and heads (and a stage-2 run's tuned towers) exactly as
+    training did, then load best.pt; `stage1_config` stands in for a stage-2 run's copy."""
+    s2 = None
+    if tuned.is_stage2_run(run_dir):
+        cfg, s2 = tuned.read_stage2(run_dir, stage1_config)
+    else:
+        cfg = load_config(run_dir / "config.yaml")
     seed_everything(cfg.seed)
     full = load_dataset(cfg.data.path)
     if cfg.encoders:
@@ -84,16 +98,42 @@ def load_run(run_dir: Path, device: torch.device = torch.device("cpu")) -> Run:
         train, _ = hold_out_items(full, cfg.cold_start.holdout_fraction, cfg.seed)
     inputs = backbone_inputs(train, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
-    heads = None
-    if cfg.heads:
-        dims = {m: f.shape[1] for m, f in inputs.features.items()}
-        heads = ContentHeads(cfg.heads, dims, model.user_embeddings().shape[1]).to(device)
+    heads = _build_heads(cfg, s2, inputs.features, model, device)
     modules = torch.nn.ModuleDict({"backbone": model} | ({"heads": heads} if heads else {}))
+    towers = _attach_towers(modules, cfg, s2, device)
     modules.load_state_dict(checkpoint.load(run_dir / BEST))
     modules.eval()
+    features = inputs.features
+    if towers:
+        raw = {"image": train.items.images, "text": train.items.texts}
+        features = features | tuned.tuned_features(towers, raw, s2.encode_batch_size, device)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return Run(run_dir, cfg, full, train, model, heads, inputs.features, metrics)
+    return Run(run_dir, cfg, full, train, model, heads, features, metrics, towers,
+               tuned.tuning_of(s2, towers) if s2 else Tuning(), tuned.config_hash(cfg, s2))
+
+
+def _build_heads(cfg: TrainConfig, s2: Stage2Config | None, features: dict[str, torch.Tensor],
+                 model: Backbone, device: torch.device) -> ContentHeads | None:
+    """The run's content heads (stage 2 always has them: its default covers its modalities)."""
+    heads_cfg = cfg.heads if s2 is None else cfg.heads or HeadsConfig(modalities=s2.modalities)
+    if heads_cfg is None:
+        return None
+    dims = {m: f.shape[1] for m, f in features.items()}
+    return ContentHeads(heads_cfg, dims, model.user_embeddings().shape[1]).to(device)
+
+
+def _attach_towers(modules: torch.nn.ModuleDict, cfg: TrainConfig, s2: Stage2Config | None,
+                   device: torch.device) -> dict[str, Tower]:
+    """A stage-2 run's towers with its method attached, registered under "towers" (as stage 2
+    saved them) so that best.pt loads into them; {} for a stage-1 run."""
+    if s2 is None:
+        return {}
+    towers = build_towers(cfg.encoders, s2)
+    for tower in towers.values():
+        tower.to(device)
+    modules["towers"] = torch.nn.ModuleDict(towers)
+    return towers
 
 
 def known_items(full: Dataset) -> np.ndarray:
@@ -199,24 +239,31 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
         log.warning("no cold-start encoders: the %s head reads precomputed features", missing)
         return None, {}
     sample = parity_sample(run.full, n_items)
-    towers = {m: build_encoder(c) for m, c in configs.items()}
+    towers = {m: run.towers[m] if m in run.towers else build_encoder(c)
+              for m, c in configs.items()}
+    exported = {m: tuned.deployable(t, run.tuning) if m in run.towers else t
+                for m, t in towers.items()}
+    references = {m: towers[m] if exported[m] is not towers[m] else None for m in towers}
     heads = {m: run.heads.heads[m].cpu() for m in towers}
     metrics, vectors, schemes, kind, names = {}, {}, {}, "bert", []
     if "image" in towers:
         images = [run.full.items.images[i] for i in sample]
         stats, vectors["image"] = onnx_export.export_image(
-            towers["image"], heads["image"], images, workdir, quantize, exporter)
+            exported["image"], heads["image"], images, workdir, quantize, exporter,
+            references["image"])
         metrics |= _prefixed("parity.image.", stats)
         schemes["image"] = onnx_export.scheme(stats, quantize)
     if "text" in towers:
         texts = [run.full.items.texts[i] for i in sample]
         every = [t for t in run.full.items.texts if t][:MAX_TOKENIZER_TEXTS]
         stats, vectors["text"], kind, names = onnx_export.export_text(
-            towers["text"], heads["text"], texts, every, workdir, quantize, exporter)
+            exported["text"], heads["text"], texts, every, workdir, quantize, exporter,
+            references["text"])
         metrics |= _prefixed("parity.text.", stats)
         schemes["text"] = onnx_export.scheme(stats, quantize)
     metrics |= fused_parity(run, sample, vectors)
-    spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, schemes)
+    spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, schemes,
+                                    run.tuning.manifest_fields(towers))
     return spec, metrics
 
 
@@ -227,7 +274,7 @@ def build_manifest(run: Run, arrays: BundleArrays, factory: str, spec: EncoderSp
         "export.cold_items": float(arrays.n_cold), "export.warm_items": float(
             len(arrays.item_ids) - arrays.n_cold)}
     return Manifest(
-        source_run=str(run.path.resolve()), config_hash=run.cfg.config_hash(),
+        source_run=str(run.path.resolve()), config_hash=run.config_hash or run.cfg.config_hash(),
         backbone=run.cfg.backbone.name, dim=int(arrays.users.shape[1]), metric="ip",
         normalized=False, faiss_factory=factory,
         counts=Counts(users=len(arrays.user_ids), items=len(arrays.item_ids),
@@ -245,10 +292,12 @@ def _write_arrays(tmp: Path, arrays: BundleArrays) -> None:
 
 def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
                quantize: str | None = None, publish_bundle: bool = False,
-               exporter: str = "dynamo", parity_items: int = PARITY_ITEMS) -> Path:
-    """Write bundles_dir/vN from a run (optionally publishing it); returns the bundle path."""
+               exporter: str = "dynamo", parity_items: int = PARITY_ITEMS,
+               stage1_config: Path | None = None) -> Path:
+    """Write bundles_dir/vN from a stage-1 or stage-2 run (optionally publishing it); returns the
+    bundle path. `stage1_config`: the stage-1 config of a stage-2 run that lacks its copy."""
     run_dir, bundles_dir = Path(run_dir), Path(bundles_dir)
-    run = load_run(run_dir)
+    run = load_run(run_dir, stage1_config=stage1_config)
     arrays = assemble(run)
     index = ann.build(arrays.items, arrays.item_ids, factory)
     bundles_dir.mkdir(parents=True, exist_ok=True)
@@ -270,8 +319,9 @@ def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
     check_bundle(path)
     if publish_bundle:
         publish(bundles_dir, path.name, verify=False)
-    log.info("bundle %s: %d users, %d items (%d cold), encoders %s", path, len(arrays.user_ids),
-             len(arrays.item_ids), arrays.n_cold, "yes" if spec else "no")
+    log.info("bundle %s: %d users, %d items (%d cold), encoders %s (tuning: %s)", path,
+             len(arrays.user_ids), len(arrays.item_ids), arrays.n_cold, "yes" if spec else "no",
+             run.tuning.method)
     return path
 
 

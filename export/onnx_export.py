@@ -7,6 +7,8 @@ TorchScript exporter when dynamo fails. Output names are not op names ("embeddin
 Parity runs the torch wrapper on the training preparation and onnxruntime on the serving path
 (preprocess.json with Pillow + numpy, tokenizer.json with `tokenizers`): fp32 must agree within
 `FP32_TOL` (max abs), int8 (onnxruntime dynamic quantisation) within cosine `INT8_MIN_COS`.
+The torch side may be a different tower than the exported one (`reference`): stage-2 LoRA / (IA)^3
+towers are exported merged and checked against the adapters as trained.
 """
 from __future__ import annotations
 
@@ -292,11 +294,14 @@ EXAMPLE_TEXTS = ["a red shoe", "a rather longer example sentence used to trace t
 def _export_checked(encoder: nn.Module, tower: Tower, raw: list, example: list,
                     serving: Callable[[list], dict[str, np.ndarray]], path: Path,
                     axes: dict[int, str], max_len: int, quantize: str | None,
-                    exporter: str) -> tuple[dict[str, float], np.ndarray]:
-    """Export, check fp32 parity, optionally quantise; (metrics, final ONNX vectors of `raw`)."""
+                    exporter: str, expected: nn.Module | None = None
+                    ) -> tuple[dict[str, float], np.ndarray]:
+    """Export, check fp32 parity against `expected` (default: the exported module itself),
+    optionally quantise; (metrics, final ONNX vectors of `raw`)."""
     prepared, _ = tower.prepare_counted(example)
     used = export_encoder(encoder, encoder.torch_args(prepared), path, axes, max_len, exporter)
-    reference = torch_vectors(encoder, tower, raw, PARITY_BATCH)
+    torch_side = expected if expected is not None else encoder
+    reference = torch_vectors(torch_side.eval(), tower, raw, PARITY_BATCH)
     batched, singles = onnx_vectors(path, serving, raw, PARITY_BATCH)
     stats = compare(reference, batched, singles)
     check_fp32(path.name, stats)
@@ -314,8 +319,10 @@ def _export_checked(encoder: nn.Module, tower: Tower, raw: list, example: list,
 
 
 def export_image(tower: Tower, head: nn.Module, images: list, workdir: Path,
-                 quantize: str | None, exporter: str) -> tuple[dict[str, float], np.ndarray]:
-    """image_encoder.onnx + preprocess.json; parity on `images` through the serving path."""
+                 quantize: str | None, exporter: str,
+                 reference: Tower | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """image_encoder.onnx + preprocess.json; parity on `images` through the serving path, against
+    head(reference) when given (`tower` is then its export-ready form), else head(tower)."""
     spec_json = json.dumps(tower.preprocess_spec(), indent=2) + "\n"
     (workdir / PREPROCESS).write_text(spec_json, encoding="utf-8")
     spec = PreprocessSpec.model_validate_json((workdir / PREPROCESS).read_text(encoding="utf-8"))
@@ -325,14 +332,17 @@ def export_image(tower: Tower, head: nn.Module, images: list, workdir: Path,
     def serving(chunk: list) -> dict[str, np.ndarray]:
         return {"image": preprocess_images(chunk, spec)[0]}
 
+    expected = ImageEncoder(reference, head) if reference is not None else None
     return _export_checked(ImageEncoder(tower, head).eval(), tower, images, [None, None], serving,
-                           workdir / IMAGE_ENCODER, {0: "batch"}, 2, quantize, exporter)
+                           workdir / IMAGE_ENCODER, {0: "batch"}, 2, quantize, exporter, expected)
 
 
 def export_text(tower: Tower, head: nn.Module, texts: list[str], all_texts: list[str],
-                workdir: Path, quantize: str | None,
-                exporter: str) -> tuple[dict[str, float], np.ndarray, str, list[str]]:
-    """text_encoder.onnx + tokenizer.json; tokenizer parity on `all_texts`, encoder on `texts`."""
+                workdir: Path, quantize: str | None, exporter: str,
+                reference: Tower | None = None
+                ) -> tuple[dict[str, float], np.ndarray, str, list[str]]:
+    """text_encoder.onnx + tokenizer.json; tokenizer parity on `all_texts`, encoder on `texts`
+    (against head(reference) when given, else head(tower))."""
     try:
         built, kind, names = tokenizer_for(tower)
     except ValueError as err:
@@ -343,11 +353,13 @@ def export_text(tower: Tower, head: nn.Module, texts: list[str], all_texts: list
     if bad:
         raise ExportError(f"tokenizer.json differs from the training tokenisation on {len(bad)} "
                           f"texts, e.g. {bad[0][:80]!r}")
-    encoder = (BertTextEncoder if kind == "bert" else ClipTextEncoder)(tower, head).eval()
+    wrapper = BertTextEncoder if kind == "bert" else ClipTextEncoder
+    encoder = wrapper(tower, head).eval()
+    expected = wrapper(reference, head) if reference is not None else None
     axes = {0: "batch", 1: "length"} if kind == "bert" else {0: "batch"}
     metrics, vectors = _export_checked(
         encoder, tower, texts, EXAMPLE_TEXTS, lambda chunk: encode_texts(tokenizer, chunk, names),
-        workdir / TEXT_ENCODER, axes, _context_length(tower), quantize, exporter)
+        workdir / TEXT_ENCODER, axes, _context_length(tower), quantize, exporter, expected)
     metrics["tokenizer_texts"] = float(len(PARITY_TEXTS) + len(all_texts))
     return metrics, vectors, kind, names
 
@@ -365,8 +377,10 @@ def scheme(metrics: dict[str, float], quantize: str | None) -> str:
 
 
 def encoder_spec(image_tower: Tower | None, text_tower: Tower | None, kind: str,
-                 names: list[str], quantization: dict[str, str]) -> EncoderSpec:
-    """The manifest's encoder contract (placeholders for the fields of an absent tower)."""
+                 names: list[str], quantization: dict[str, str],
+                 tuning: dict | None = None) -> EncoderSpec:
+    """The manifest's encoder contract (placeholders for the fields of an absent tower); `tuning`
+    holds the stage-2 fields (encoder_tuning, tuned_modalities, n_ctx, prompt_depth) if any."""
     image = image_tower.preprocess_spec() if image_tower is not None else {
         "size": (224, 224), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     has_text = text_tower is not None
@@ -383,4 +397,4 @@ def encoder_spec(image_tower: Tower | None, text_tower: Tower | None, kind: str,
         text_inputs=names if has_text else [],
         text_padding="longest" if kind == "bert" else "fixed",
         image_quantization=quantization.get("image", "none"),
-        text_quantization=quantization.get("text", "none"))
+        text_quantization=quantization.get("text", "none"), **(tuning or {}))

@@ -51,6 +51,11 @@ class EncoderSpec(_Strict):
     tokenizer: Literal["clip", "bert"]
     n_ctx: int = Field(0, ge=0, description="learned prompt tokens per prompted layer")
     prompt_depth: int = Field(0, ge=0, description="number of prompted layers per tower")
+    encoder_tuning: Literal["none", "prompt", "lora", "ia3"] = Field(
+        "none", description="stage-2 method baked into the ONNX towers: none (frozen towers), deep "
+        "prompts inside the graph, or LoRA / (IA)^3 adapters merged into the weights")
+    tuned_modalities: list[Literal["image", "text"]] = Field(
+        default_factory=list, description="towers that carry the stage-2 tuning")
     image_encoder: str | None = Field(None, description="ONNX file of the image tower, if any")
     text_encoder: str | None = Field(None, description="ONNX file of the text tower, if any")
     tokenizer_file: str | None = Field(None, description="tokenizers JSON for the text tower")
@@ -75,6 +80,13 @@ class EncoderSpec(_Strict):
         if min(std) <= 0:
             raise ValueError("std must be positive")
         return std
+
+    @model_validator(mode="after")
+    def _tuning_consistent(self) -> EncoderSpec:
+        if (self.encoder_tuning == "none") != (not self.tuned_modalities):
+            raise ValueError(f"encoder_tuning {self.encoder_tuning!r} with tuned_modalities "
+                             f"{self.tuned_modalities}: both must be set, or neither")
+        return self
 
     def referenced_files(self) -> list[str]:
         """Bundle files this spec points at."""
