@@ -10,18 +10,32 @@ the server answers with it), and an optional `--soak-seconds` run that samples t
 VmRSS. Client and server share the machine's cores, so throughput is a lower bound; the server's CPU
 time per RPC (from /proc/<pid>/stat) gives its capacity per core independently of the clients.
 
+`--driver h2load` (or `both`, the default) also measures throughput with h2load, nghttp2's C HTTP/2
+load generator (Debian: `apt-get install nghttp2-client`), so that the load generator costs far less
+CPU than the server: one gRPC-framed RecommendRequest body file per user (h2load sends one body per
+process, so each h2load process of a setting gets a different user), every `--h2load-settings`
+(connections x streams) against every `--server-configs` (processes x RPC threads; several processes
+share the port with `--reuse-port`). h2load counts any HTTP 200 as a success, gRPC errors included, so
+each body is first sent once with `nghttp` and its `grpc-status` trailer checked, and the servers'
+own `recsys_requests_total{method="Recommend"}` counters (scraped from their metrics ports before
+and after) must show no status but OK. Without h2load that part is skipped with a message.
+
     python bench/serve_load.py --sizes 100000 1000000 --swaps 20 --soak-seconds 600
+    python bench/serve_load.py --driver h2load --swaps 0 --server-configs 1x8 2x4
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGETS = {"p99_ms_1client_1M": 5.0, "throughput_rps": 2000, "swap_errors": 0, "rss_growth": 0.05}
+RECOMMEND_PATH = "/ptmrec.v1.Recommender/Recommend"
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+H2LOAD_MISSING = ("h2load not found on PATH (Debian/Ubuntu: apt-get install nghttp2-client); "
+                  "skipping the h2load throughput part")
+
+
+def pair(text: str) -> tuple[int, int]:
+    """'4x8' -> (4, 8)."""
+    a, b = text.lower().split("x")
+    return int(a), int(b)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--soak-seconds", type=float, default=0.0)
     p.add_argument("--workers", type=int, default=8, help="server RPC threads")
+    p.add_argument("--driver", choices=["python", "h2load", "both"], default="both",
+                   help="Recommend throughput from Python clients, h2load, or both")
+    p.add_argument("--h2load-settings", type=pair, nargs="+", default=[(1, 1), (4, 8), (8, 16)],
+                   metavar="CONNSxSTREAMS", help="h2load connections x concurrent streams each")
+    p.add_argument("--server-configs", type=pair, nargs="+", default=[(1, 8), (1, 4), (2, 4), (2, 8)],
+                   metavar="PROCSxTHREADS", help="server processes (--reuse-port) x RPC threads")
+    p.add_argument("--h2load-users", type=int, default=4,
+                   help="distinct users per h2load setting (one h2load process each)")
+    p.add_argument("--h2load-seconds", type=float, default=8.0)
+    p.add_argument("--h2load-warmup", type=float, default=1.0)
     p.add_argument("--workdir", type=Path, help="where bundles go (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -98,19 +132,27 @@ def republish(root: Path, source: Path) -> int:
     return int(path.name[1:])
 
 
-def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """Run `python -m serve` on a free loopback port; returns (process, target)."""
+def launch_server(root: Path, workers: int, port: int = 0, reuse_port: bool = False,
+                  metrics: bool = False) -> tuple[subprocess.Popen, str, int | None]:
+    """Run `python -m serve` on loopback; returns (process, target, metrics port) once it listens."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--bundles", str(root), "--port", "0", "--metrics-port",
-         "-1", "--poll-seconds", "0.5", "--workers", str(workers), "--log-level", "WARNING"],
+        [sys.executable, "-m", "serve", "--bundles", str(root), "--port", str(port),
+         "--metrics-port", "0" if metrics else "-1", "--poll-seconds", "0.5", "--workers",
+         str(workers), "--log-level", "WARNING"] + (["--reuse-port"] if reuse_port else []),
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()
     if not line.startswith("serving on"):
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r}")
-    target = line.split()[2].rstrip(",")
+    found = re.search(r"metrics on \S+:(\d+)", line)
+    return proc, line.split()[2].rstrip(","), int(found.group(1)) if found else None
+
+
+def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
+    """One server on a free loopback port, SERVING; returns (process, target)."""
     from serve.client import RecommenderClient
 
+    proc, target, _ = launch_server(root, workers)
     with RecommenderClient(target, timeout=2) as client:
         deadline = time.monotonic() + 300
         while client.health() != "SERVING":
@@ -118,6 +160,11 @@ def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
                 raise RuntimeError("server never became SERVING")
             time.sleep(0.2)
     return proc, target
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (the machine is shared: contention shows here)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _load_worker(target: str, tasks: int, users: int, step: int, k: int, seconds: float,
@@ -270,75 +317,327 @@ def soak(proc: subprocess.Popen, target: str, seconds: float, args, spec) -> dic
                         rss_max_mib=rss.max() / 1024, growth=(rss[-1] - base) / base)
 
 
-def bench_size(root: Path, n_items: int, args: argparse.Namespace) -> dict:
-    """Every measurement for one catalogue size."""
-    source, spec = make_bundle(root, n_items, args)
+def scrape(port: int) -> str:
+    """A server's Prometheus text exposition."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def recommend_counts(text: str) -> dict[str, float]:
+    """recsys_requests_total{method="Recommend"} by status code name."""
+    out: dict[str, float] = {}
+    for labels, value in re.findall(r"^recsys_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+        names = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if names.get("method") == "Recommend":
+            out[names["code"]] = out.get(names["code"], 0.0) + float(value)
+    return out
+
+
+def served_version(text: str) -> float:
+    """recsys_model_version (0 until a bundle is loaded)."""
+    found = re.search(r"^recsys_model_version (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+class ServerGroup:
+    """`n` server processes sharing one loopback port (--reuse-port when n > 1), metrics on."""
+
+    def __init__(self, root: Path, n: int, workers: int):
+        self.procs: list[subprocess.Popen] = []
+        self.metrics_ports: list[int] = []
+        port = 0
+        try:
+            for _ in range(n):
+                proc, self.target, mport = launch_server(root, workers, port, n > 1, metrics=True)
+                self.procs.append(proc)
+                self.metrics_ports.append(mport)
+                port = int(self.target.rsplit(":", 1)[1])
+            self.wait_loaded()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_loaded(self, timeout: float = 300) -> None:
+        """Block until every process serves a bundle."""
+        deadline = time.monotonic() + timeout
+        while not all(served_version(scrape(p)) >= 1 for p in self.metrics_ports):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a server process never loaded the bundle")
+            time.sleep(0.2)
+
+    def counts(self) -> list[dict[str, float]]:
+        """Recommend counts by status code, per process."""
+        return [recommend_counts(scrape(p)) for p in self.metrics_ports]
+
+    def cpu(self) -> float:
+        """CPU seconds used by all processes so far."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def stop(self) -> None:
+        """Terminate every process and wait for it."""
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(60)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length, bytes."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def write_bodies(folder: Path, spec, k: int, n: int) -> list[Path]:
+    """One gRPC-framed RecommendRequest file per user, for n users spread over the known ones."""
+    from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    users = sorted({int(u) for u in np.linspace(0, spec.n_users - 1, n)})
+    paths = []
+    for user in users:
+        path = folder / f"recommend-user{user * spec.user_id_step}.bin"
+        path.write_bytes(grpc_frame(pb.RecommendRequest(user_id=user * spec.user_id_step,
+                                                        k=k).SerializeToString()))
+        paths.append(path)
+    return paths
+
+
+def python_status(target: str, body: Path) -> str:
+    """Numeric gRPC status of one Recommend decoded from `body`, sent by the Python client."""
+    import grpc
+
+    from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+    from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+
+    request = pb.RecommendRequest.FromString(body.read_bytes()[5:])
+    with grpc.insecure_channel(target) as channel:
+        try:
+            pb_grpc.RecommenderStub(channel).Recommend(request, timeout=10)
+            return "0"
+        except grpc.RpcError as err:
+            return str(err.code().value[0])
+
+
+def sample_status(target: str, body: Path) -> str:
+    """grpc-status trailer of one Recommend with exactly h2load's bytes, sent by nghttp."""
+    nghttp = shutil.which("nghttp")
+    if nghttp is None:
+        return python_status(target, body)
+    headers = [arg for h in GRPC_HEADERS for arg in ("-H", h)]
+    out = subprocess.run([nghttp, "-n", "-v", *headers, "-d", str(body),
+                          f"http://{target}{RECOMMEND_PATH}"],
+                         capture_output=True, text=True, timeout=60).stdout
+    found = re.search(r"grpc-status: (\d+)", out)
+    return found.group(1) if found else "missing"
+
+
+def h2load_cmd(target: str, body: Path, conns: int, streams: int, args: argparse.Namespace,
+               log: Path) -> list[str]:
+    """One single-threaded h2load run posting `body` to Recommend for a fixed duration."""
+    headers = [arg for h in GRPC_HEADERS for arg in ("-H", h)]
+    return ["h2load", "-c", str(conns), "-m", str(streams), "-t", "1", "-D",
+            f"{round(args.h2load_seconds * 1000)}ms", "--warm-up-time",
+            f"{round(args.h2load_warmup * 1000)}ms", *headers,
+            "-d", str(body), "--log-file", str(log), f"http://{target}{RECOMMEND_PATH}"]
+
+
+def parse_h2load(text: str) -> dict:
+    """req/s and request counts from h2load's summary (any HTTP 200 counts as succeeded)."""
+    rps = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
+    req = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
+                    r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
+    codes = re.search(r"status codes: (\d+) 2xx", text)
+    if not (rps and req and codes):
+        raise RuntimeError(f"unexpected h2load output:\n{text[-2000:]}")
+    done, http_2xx = int(req.group(2)), int(codes.group(1))
+    failed = max(sum(int(x) for x in req.groups()[3:]), done - http_2xx)  # the two overlap
+    return dict(rps=float(rps.group(1)), http_2xx=http_2xx, failed=failed)
+
+
+def read_latencies(log: Path) -> np.ndarray:
+    """Per-request durations in ms from an h2load --log-file (start us, status, duration us)."""
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    return np.array([int(r[2]) / 1000 for r in rows], dtype=np.float64)
+
+
+def run_h2load(target: str, bodies: list[Path], conns: int, streams: int,
+               args: argparse.Namespace) -> dict:
+    """Concurrent h2load processes, one user body each, connections split between them."""
+    n = min(len(bodies), conns)
+    split = [conns // n + (i < conns % n) for i in range(n)]
+    logs = [b.with_suffix(".log") for b in bodies[:n]]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = [subprocess.Popen(h2load_cmd(target, body, c, streams, args, log),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for body, c, log in zip(bodies, split, logs)]
+    outs = [p.communicate(timeout=args.h2load_seconds + args.h2load_warmup + 120)[0]
+            for p in procs]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"h2load failed:\n{outs[0][-2000:]}")
+    parsed = [parse_h2load(out) for out in outs]
+    lat = np.concatenate([read_latencies(log) for log in logs])
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return dict(users=n, rps=sum(r["rps"] for r in parsed),
+                http_2xx=sum(r["http_2xx"] for r in parsed),
+                failed=sum(r["failed"] for r in parsed),
+                p50=pct(50), p99=pct(99), client_cpu=cpu)
+
+
+def h2load_level(group: ServerGroup, bodies: list[Path], conns: int, streams: int,
+                 args: argparse.Namespace) -> dict:
+    """One h2load setting, cross-checked with the servers' own status-code counters."""
+    load = loadavg()
+    counts0, cpu0 = group.counts(), group.cpu()
+    res = run_h2load(group.target, bodies, conns, streams, args)
+    counts1, cpu1 = group.counts(), group.cpu()
+    ok = [int(c1.get("OK", 0) - c0.get("OK", 0)) for c0, c1 in zip(counts0, counts1)]
+    errors: dict[str, int] = {}
+    for c0, c1 in zip(counts0, counts1):
+        for code, n in c1.items():
+            if code != "OK" and n > c0.get(code, 0):
+                errors[code] = errors.get(code, 0) + int(n - c0.get(code, 0))
+    served = max(sum(ok), 1)
+    return res | dict(conns=conns, streams=streams, server_ok=ok, server_errors=errors,
+                      server_cpu_ms=1000 * (cpu1 - cpu0) / served,
+                      client_cpu_ms=1000 * res["client_cpu"] / served, load=load)
+
+
+def h2load_size(root: Path, args: argparse.Namespace, spec) -> list[dict]:
+    """Every --server-configs x --h2load-settings pair for one catalogue size."""
+    bodies = write_bodies(root.parent / f"h2load-{root.name}", spec, args.k, args.h2load_users)
+    rows = []
+    for procs, threads in args.server_configs:
+        group = ServerGroup(root, procs, threads)
+        try:
+            status = ",".join(sorted({sample_status(group.target, b) for b in bodies}))
+            for conns, streams in args.h2load_settings:
+                rows.append(h2load_level(group, bodies, conns, streams, args)
+                            | dict(procs=procs, threads=threads, sample_status=status))
+                print(f"h2load {spec.n_items:,} items, {procs}x{threads} server, "
+                      f"{conns}x{streams}: {rows[-1]['rps']:.0f} req/s", flush=True)
+        finally:
+            group.stop()
+    shutil.rmtree(bodies[0].parent, ignore_errors=True)
+    return rows
+
+
+def python_part(root: Path, source: Path, spec, n_items: int, args: argparse.Namespace) -> dict:
+    """One default server: Python-client levels (unless --driver h2load), encode, swaps, soak."""
     proc, target = start_server(root, args.workers)
-    out: dict = {"n_items": n_items, "rss_loaded_mib": rss_kib(proc.pid) / 1024}
+    out: dict = {"n_items": n_items, "rss_loaded_mib": rss_kib(proc.pid) / 1024, "levels": []}
     try:
-        out["levels"] = []
-        for c in args.concurrency:
-            cpu = cpu_seconds(proc.pid)
+        for c in args.concurrency if args.driver != "h2load" else []:
+            cpu, load = cpu_seconds(proc.pid), loadavg()
             level = Load(target, c, args, spec, args.seconds, args.max_requests).finish()
             level["cpu_ms"] = 1000 * (cpu_seconds(proc.pid) - cpu) / max(level["ok"], 1)
-            out["levels"].append(level)
-        out["encode"] = bench_encode(target, args.encode_requests)
+            out["levels"].append(level | {"load": load})
+        out["encode"] = bench_encode(target, args.encode_requests) | {"load": loadavg()}
         if args.swaps:
-            out["swaps"] = hot_swaps(root, source, target, args.swaps, args, spec)
+            load = loadavg()
+            out["swaps"] = hot_swaps(root, source, target, args.swaps, args, spec) | {"load": load}
         if args.soak_seconds:
-            out["soak"] = soak(proc, target, args.soak_seconds, args, spec)
+            load = loadavg()
+            out["soak"] = soak(proc, target, args.soak_seconds, args, spec) | {"load": load}
     finally:
         proc.terminate()
         out["exit_code"] = proc.wait(60)
     return out
 
 
-def report(results: list[dict]) -> None:
-    """Markdown tables of everything measured."""
-    print("\n| items | clients | ok | errors | RPC/s | p50 ms | p99 ms | server CPU ms/RPC |")
-    print("|---|---|---|---|---|---|---|---|")
+def bench_size(root: Path, n_items: int, args: argparse.Namespace, h2load: bool) -> dict:
+    """Every measurement for one catalogue size."""
+    source, spec = make_bundle(root, n_items, args)
+    out = python_part(root, source, spec, n_items, args)
+    if h2load:
+        out["h2load"] = h2load_size(root, args, spec)
+    return out
+
+
+def report_levels(results: list[dict]) -> None:
+    """Python-client Recommend levels."""
+    print("\n| items | Python clients | ok | errors | RPC/s | p50 ms | p99 ms | server CPU ms/RPC "
+          "| loadavg before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for lv in r["levels"]:
             print(f"| {r['n_items']:,} | {lv['concurrency']} | {lv['ok']:,} | "
                   f"{sum(lv['errors'].values())} | {lv['rps']:.0f} | {lv['p50']:.2f} | "
-                  f"{lv['p99']:.2f} | {lv['cpu_ms']:.2f} |")
-    print("\n| items | EncodeItem n | p50 ms | p99 ms | server RSS loaded MiB | exit code |")
-    print("|---|---|---|---|---|---|")
+                  f"{lv['p99']:.2f} | {lv['cpu_ms']:.2f} | {lv['load']} |")
+
+
+def report_h2load(results: list[dict]) -> None:
+    """h2load Recommend settings against each server configuration."""
+    print("\n| items | server procs x threads | h2load conns x streams | users | req/s | p50 ms "
+          "| p99 ms | HTTP 2xx | server OK incl. warm-up (per proc) | errors | grpc-status sample "
+          "| server CPU ms/RPC | h2load CPU ms/RPC | loadavg before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for h in r.get("h2load", []):
+            errors = sum(h["server_errors"].values()) + h["failed"]
+            print(f"| {r['n_items']:,} | {h['procs']}x{h['threads']} | {h['conns']}x{h['streams']} "
+                  f"| {h['users']} | {h['rps']:.0f} | {h['p50']:.2f} | {h['p99']:.2f} | "
+                  f"{h['http_2xx']:,} | {'/'.join(str(n) for n in h['server_ok'])} | {errors} "
+                  f"{h['server_errors'] or ''} | {h['sample_status']} | {h['server_cpu_ms']:.2f} | "
+                  f"{h['client_cpu_ms']:.2f} | {h['load']} |")
+    best = [(h["rps"], r["n_items"], h) for r in results for h in r.get("h2load", [])
+            if not h["server_errors"] and not h["failed"] and h["sample_status"] == "0"]
+    for n in sorted({b[1] for b in best}):
+        rps, _, h = max(b for b in best if b[1] == n)
+        print(f"best error-free h2load at {n:,} items: {rps:.0f} req/s with {h['procs']} "
+              f"process(es) x {h['threads']} threads, {h['conns']}x{h['streams']} "
+              f"(target >= {TARGETS['throughput_rps']})")
+
+
+def report_rest(results: list[dict]) -> None:
+    """EncodeItem, hot swaps and soak."""
+    print("\n| items | EncodeItem n | p50 ms | p99 ms | server RSS loaded MiB | exit code "
+          "| loadavg before |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         e = r["encode"]
         print(f"| {r['n_items']:,} | {e['n']} | {e['p50']:.2f} | {e['p99']:.2f} | "
-              f"{r['rss_loaded_mib']:.0f} | {r['exit_code']} |")
+              f"{r['rss_loaded_mib']:.0f} | {r['exit_code']} | {e['load']} |")
     for r in (r for r in results if "swaps" in r):
         s = r["swaps"]
         print(f"\nhot swaps at {r['n_items']:,} items: {s['swaps']} swaps under 8 clients, "
               f"{s['ok']:,} ok, errors {s['errors'] or 0}, {s['rps']:.0f} RPC/s, p99 "
               f"{s['p99']:.2f} ms, versions seen {s['versions'][0]}..{s['versions'][-1]}, "
-              f"publish-to-served p50 {s['swap_p50']:.2f} s, max {s['swap_max']:.2f} s")
+              f"publish-to-served p50 {s['swap_p50']:.2f} s, max {s['swap_max']:.2f} s "
+              f"(loadavg before {s['load']})")
     for r in (r for r in results if "soak" in r):
         s = r["soak"]
         print(f"\nsoak at {r['n_items']:,} items: {s['wall']:.0f} s, {s['ok']:,} ok, errors "
               f"{s['errors'] or 0}, RSS {s['rss_start_mib']:.0f} -> {s['rss_end_mib']:.0f} MiB "
               f"(max {s['rss_max_mib']:.0f}), growth {100 * s['growth']:+.2f}% "
-              f"(target <= {100 * TARGETS['rss_growth']:.0f}%)")
+              f"(target <= {100 * TARGETS['rss_growth']:.0f}%; loadavg before {s['load']})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark for every size and print the tables."""
     args = parse_args(argv)
+    h2load = args.driver != "python" and shutil.which("h2load") is not None
+    if args.driver != "python" and not h2load:
+        print(H2LOAD_MISSING, file=sys.stderr, flush=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="serve-load-"))
     results = []
     try:
         for n in args.sizes:
             root = workdir / f"bundles-{n}"
-            results.append(bench_size(root, n, args))
+            results.append(bench_size(root, n, args, h2load))
             shutil.rmtree(root, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nmachine: {os.cpu_count()} cores shared by server and clients; "
+    print(f"\nmachine: {os.cpu_count()} cores shared by server and load generator; "
           f"targets: p99 <= {TARGETS['p99_ms_1client_1M']} ms (1 client, 1M), "
           f">= {TARGETS['throughput_rps']} RPC/s, 0 errors during swaps")
-    report(results)
+    report_levels(results)
+    if h2load:
+        report_h2load(results)
+    elif args.driver != "python":
+        print(f"\n{H2LOAD_MISSING}")
+    report_rest(results)
     return 0
 
 
