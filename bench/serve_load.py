@@ -465,6 +465,8 @@ def run_h2load(target: str, bodies: list[Path], conns: int, streams: int,
     n = min(len(bodies), conns)
     split = [conns // n + (i < conns % n) for i in range(n)]
     logs = [b.with_suffix(".log") for b in bodies[:n]]
+    for log in logs:
+        log.unlink(missing_ok=True)  # h2load appends to an existing --log-file
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs = [subprocess.Popen(h2load_cmd(target, body, c, streams, args, log),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -78,6 +78,9 @@ def test_sample_status_sees_grpc_errors(server, tmp_path):
 def test_run_h2load(server, tmp_path):
     bodies = bench.write_bodies(tmp_path, BundleSpec(), k=5, n=2)
     args = argparse.Namespace(h2load_seconds=1.0, h2load_warmup=0.2)
-    res = bench.run_h2load(server, bodies, conns=2, streams=2, args=args)
+    for _ in range(2):  # the second run must not see the first one's per-request log
+        res = bench.run_h2load(server, bodies, conns=2, streams=2, args=args)
+    logged = sum(len(bench.read_latencies(b.with_suffix(".log"))) for b in bodies)
+    assert logged == res["http_2xx"]
     assert res["users"] == 2 and res["failed"] == 0
     assert res["http_2xx"] > 10 and res["rps"] > 10 and 0 < res["p50"] <= res["p99"]
