@@ -5,10 +5,17 @@ peft) is attached to each encoder tower; everything else in the towers stays fro
 the backbone trains on its own loss; the prompts and the content heads train on
 L_KT = Σ_m KL(p_id || p_m) over the first `kt_batch_size` pairs of the batch (items deduplicated
 before encoding), with p_id from a per-epoch detached snapshot of the backbone's embeddings.
-Before every validation all items are re-encoded (no grad, batched) and replace the backbone's
-feature tables; early stopping and test-at-best-valid are as in stage 1. Mixed precision (bf16
-autocast) on CUDA. Ablations: `from_stage1: false` (joint prompts without stage 1) and
-`kt_weight: 0` (two stages without KT: the prompts then receive no gradient in this design).
+Before every validation (every `refresh_every` epochs) all items are re-encoded (no grad, batched,
+texts grouped by length to save padding) and replace the backbone's feature tables; early stopping
+and test-at-best-valid are as in stage 1. Mixed precision (bf16 autocast) on CUDA.
+
+Ablations (the paper's Fig. 3):
+- `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
+- `tuning_loss: bpr`: two stages without KT. The prompts and heads train on the recommendation
+  objective instead, BPR on s(u, i) = u · head_m(tower_m(i)) with the batch's sampled positive
+  and negative items (u detached, from the same per-epoch snapshot as the KT targets);
+- `kt_weight: 0` scales the tuning loss to zero: the towers and heads then get no gradient (the
+  backbone continues training on re-encoded, untuned features).
 
 `python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR`
 """
@@ -39,7 +46,7 @@ from train.evaluate import Evaluator
 from train.features import item_features
 from train.fit import BEST, evaluate_model
 from train.heads import ContentHeads, HeadsConfig
-from train.losses import knowledge_transfer
+from train.losses import bpr_loss, knowledge_transfer
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import backbone_inputs, cold_start_metrics, metrics_table, seed_everything
 
@@ -60,7 +67,12 @@ class Stage2Config(BaseModel):
     patience: int = Field(10, ge=0)
     learning_rate: float = 1e-3
     from_stage1: bool = True
-    kt_weight: float = Field(1.0, ge=0.0)
+    tuning_loss: Literal["kt", "bpr"] = Field(
+        "kt", description="what trains the towers and heads: KL knowledge transfer (PTMRec) or "
+                          "BPR on u · head(tower(i)) (ablation: two stages without KT)")
+    kt_weight: float = Field(1.0, ge=0.0, description="weight of the tuning loss (KT or BPR)")
+    refresh_every: int = Field(1, ge=1, description="re-encode all items every k epochs "
+                                                     "(validation in between uses the last ones)")
     encode_batch_size: int = Field(64, ge=1)
 
 
@@ -77,17 +89,32 @@ def build_towers(enc_cfg, s2: Stage2Config) -> dict[str, torch.nn.Module]:
     return towers
 
 
+def length_order(tower, raw: list) -> list[int] | None:
+    """Indices of text items by length (batches padded to their longest then waste little);
+    None for other modalities."""
+    if getattr(tower, "modality", None) != "text":
+        return None
+    return sorted(range(len(raw)), key=lambda j: len(raw[j] or ""))
+
+
 def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool) -> torch.Tensor:
-    """Encode raw items in batches, (N, d) on device."""
+    """Encode raw items in batches (texts grouped by length), (N, d) on device in input order."""
+    order = length_order(tower, raw)
+    items = raw if order is None else [raw[j] for j in order]
     out = []
     with torch.set_grad_enabled(grad):
-        for s in range(0, len(raw), batch_size):
-            prepared = tower.prepare_counted(raw[s:s + batch_size])[0]
+        for s in range(0, len(items), batch_size):
+            prepared = tower.prepare_counted(items[s:s + batch_size])[0]
             prepared = ({k: v.to(device) for k, v in prepared.items()}
                         if isinstance(prepared, dict) else prepared.to(device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out.append(tower(prepared).float())
-    return torch.cat(out)
+    feats = torch.cat(out)
+    if order is None:
+        return feats
+    inverse = torch.empty(len(order), dtype=torch.long, device=feats.device)
+    inverse[torch.tensor(order, device=feats.device)] = torch.arange(len(order), device=feats.device)
+    return feats.index_select(0, inverse)
 
 
 def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, torch.Tensor]:
@@ -105,21 +132,44 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     return feats
 
 
+def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Config,
+                 device) -> torch.Tensor:
+    """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once."""
+    uniq, inverse = torch.unique(items, return_inverse=True)
+    tower.train()
+    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode_batch_size, device, grad=True)
+    return heads.heads[m](f)[inverse.to(f.device)]
+
+
 def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
-    """KT loss of the first kt_batch_size pairs, encoding each distinct item once."""
+    """KT loss Σ_m KL(p_id || p_m) of the first kt_batch_size pairs."""
     users, pos = batch.users[:s2.kt_batch_size], batch.pos[:s2.kt_batch_size]
-    uniq, inverse = torch.unique(pos, return_inverse=True)
     u, i = targets[0][users].detach(), targets[1][pos].detach()
     loss = torch.zeros((), device=device)
     for m, tower in towers.items():
-        tower.train()
-        f = encode(tower, [raw[m][j] for j in uniq.tolist()], len(uniq), device, grad=True)
-        loss = loss + knowledge_transfer(u, i, u, heads.heads[m](f)[inverse])
+        loss = loss + knowledge_transfer(u, i, u, head_vectors(heads, tower, m, raw, pos, s2, device))
     return s2.kt_weight * loss
 
 
+def bpr_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
+    """Ablation without KT: Σ_m BPR(u · head_m(f_m(pos)), u · head_m(f_m(neg))) of the first
+    kt_batch_size triples, u detached from the backbone."""
+    k = s2.kt_batch_size
+    users, items = batch.users[:k], torch.cat([batch.pos[:k], batch.neg[:k]])
+    u = targets[0][users].detach()
+    loss = torch.zeros((), device=device)
+    for m, tower in towers.items():
+        pos, neg = head_vectors(heads, tower, m, raw, items, s2, device).chunk(2)
+        loss = loss + bpr_loss((u * pos).sum(1), (u * neg).sum(1))
+    return s2.kt_weight * loss
+
+
+TUNING_LOSSES = {"kt": kt_step_loss, "bpr": bpr_step_loss}
+
+
 def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
-    """One epoch: backbone loss on every batch, KT on the first `step_cap` batches."""
+    """One epoch: backbone loss on every batch, the tuning loss (KT or BPR) on the first
+    `step_cap` batches."""
     with torch.no_grad():
         targets = model.embeddings()
     total, n = 0.0, 0
@@ -127,7 +177,8 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
     for n, batch in enumerate(batches, start=1):
         loss = model.loss(batch)
         if s2.kt_weight > 0 and n <= step_cap:
-            loss = loss + kt_step_loss(heads, towers, raw, targets, batch, s2, device)
+            loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets, batch, s2,
+                                                        device)
         (loss / s2.grad_accumulation).backward()
         if n % s2.grad_accumulation == 0:
             optimizer.step()
@@ -187,10 +238,12 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
         model.on_epoch_start(generator)
         batches = epoch_batches(train_pairs, sampler, cfg.optim.batch_size, generator)
         loss = train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap)
-        feats = refresh_features(model, towers, raw, s2, device)
+        train_seconds = time.perf_counter() - t0
+        if (epoch + 1) % s2.refresh_every == 0 or epoch + 1 == s2.epochs:
+            feats = refresh_features(model, towers, raw, s2, device)
         valid = evaluate_model(model, valid_eval)
         history.append({"epoch": epoch, "loss": loss, "valid": valid,
-                        "seconds": time.perf_counter() - t0})
+                        "seconds": time.perf_counter() - t0, "train_seconds": train_seconds})
         log.info("stage 2 epoch %d: loss %.4f valid %s %.4f (%.1f s)", epoch, loss,
                  cfg.eval.valid_metric, valid[cfg.eval.valid_metric], history[-1]["seconds"])
         if valid[cfg.eval.valid_metric] > best:
@@ -208,6 +261,9 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     encoder = sum(count_trainable(t)[1] for t in towers.values())
     metrics = result | {"best_epoch": best_epoch, "epochs_run": len(history),
                         "epoch_seconds": [h["seconds"] for h in history],
+                        "train_seconds": [h["train_seconds"] for h in history],
+                        "valid_curve": [h["valid"][cfg.eval.valid_metric] for h in history],
+                        "tuning_loss": s2.tuning_loss, "from_stage1": s2.from_stage1,
                         "method": s2.method.name, "trainable_encoder_params": trainable,
                         "encoder_params": encoder, "trainable_share": trainable / max(1, encoder)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

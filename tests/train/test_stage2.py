@@ -1,13 +1,17 @@
-"""Stage 2 on a tiny synthetic run: prompts/LoRA/IA3 train on the KT loss, metrics are written."""
+"""Stage 2 on a tiny synthetic run: prompts/LoRA/IA3 train on the KT loss (or, ablation, on BPR),
+metrics are written."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from train import checkpoint
-from train.config import TrainConfig
+from train.config import TrainConfig, load_config
+from train.data import load_dataset
+from train.heads import ContentHeads, HeadsConfig
+from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, main, run_stage2
+from train.stage2 import TUNING_LOSSES, Stage2Config, build_towers, encode, main, run_stage2
 from train.synthetic import generate
 
 
@@ -55,3 +59,58 @@ def test_cli_and_missing_encoders(stage1_run, tmp_path, capsys):
                  "--set", "epochs=1", "--set", "kt_steps_per_epoch=1", "--set", "kt_batch_size=8",
                  "--set", "modalities=[text]"]) == 0
     assert "stage 2 (prompt" in capsys.readouterr().out
+
+
+def _tuning_setup(stage1_run, s2: Stage2Config):
+    """Towers, heads, raw items, detached targets and one batch of a stage-1 run."""
+    cfg = load_config(stage1_run / "config.yaml")
+    dataset = load_dataset(cfg.data.path)
+    towers = build_towers(cfg.encoders, s2)
+    heads = ContentHeads(HeadsConfig(modalities=s2.modalities),
+                         {m: t.out_dim for m, t in towers.items()}, 8)
+    raw = {"image": dataset.items.images, "text": dataset.items.texts}
+    g = torch.Generator().manual_seed(0)
+    targets = (torch.randn(dataset.n_users, 8, generator=g),
+               torch.randn(dataset.n_items, 8, generator=g))
+    sampler = NegativeSampler(dataset.train, dataset.n_items)
+    batch = next(epoch_batches(torch.from_numpy(dataset.train), sampler, 64, g))
+    return towers, heads, raw, targets, batch
+
+
+@pytest.mark.parametrize("tuning_loss", ["kt", "bpr"])
+def test_tuning_losses_reach_the_prompts(stage1_run, tuning_loss):
+    s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
+                                      "modalities": ["text"], "kt_batch_size": 16,
+                                      "tuning_loss": tuning_loss})
+    towers, heads, raw, targets, batch = _tuning_setup(stage1_run, s2)
+    loss = TUNING_LOSSES[tuning_loss](heads, towers, raw, targets, batch, s2, torch.device("cpu"))
+    assert loss.item() > 0
+    loss.backward()
+    prompts = towers["text"].token_hook.prompts
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert heads.heads["text"].weight.grad.abs().sum() > 0
+    assert targets[0].grad is None  # the users are detached targets
+
+
+def test_encode_keeps_input_order(stage1_run):
+    s2 = Stage2Config.model_validate({"modalities": ["text"]})
+    towers, _, raw, _, _ = _tuning_setup(stage1_run, s2)
+    tower, texts = towers["text"].eval(), raw["text"][:12]
+    batched = encode(tower, texts, 5, torch.device("cpu"), grad=False)
+    one_by_one = torch.cat([encode(tower, [t], 1, torch.device("cpu"), grad=False) for t in texts])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
+
+
+def test_two_stages_without_kt_run(stage1_run, tmp_path):
+    base = {"method": {"name": "prompt", "n_ctx": 2, "depth": 2}, "tuning_loss": "bpr",
+            "kt_batch_size": 16, "kt_steps_per_epoch": 2, "epochs": 2, "refresh_every": 2}
+    prompts = {}
+    for name, weight in (("bpr", 1.0), ("off", 0.0)):
+        s2 = Stage2Config.model_validate(base | {"kt_weight": weight})
+        metrics = run_stage2(stage1_run, s2, tmp_path / name, torch.device("cpu"))
+        assert metrics["tuning_loss"] == "bpr" and len(metrics["valid_curve"]) == 2
+        state = checkpoint.load(tmp_path / name / "best.pt")
+        prompts[name] = [v for k, v in sorted(state.items()) if k.endswith("prompts")]
+    assert prompts["bpr"] and len(prompts["bpr"]) == len(prompts["off"])
+    # same seed, same initial prompts: only the BPR tuning loss moves them
+    assert all(not torch.equal(a, b) for a, b in zip(prompts["bpr"], prompts["off"]))
