@@ -1,26 +1,52 @@
-"""Every checked-in config validates; overrides and unknown keys behave."""
+"""Every checked-in config validates (stage 1: TrainConfig; stage 2: Stage2Config); overrides and
+unknown keys behave."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+ALL = sorted((ROOT / "configs").rglob("*.yaml"))
+STAGE2 = [p for p in ALL if "stage2" in p.relative_to(ROOT / "configs").parts]
+CONFIGS = [p for p in ALL if p not in STAGE2]
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
 def test_configs_exist():
-    names = {str(p.relative_to(ROOT / "configs")) for p in CONFIGS}
+    names = {str(p.relative_to(ROOT / "configs")) for p in ALL}
     assert {"demo.yaml", "baby/bpr.yaml", "baby/lightgcn.yaml"} <= names
+    assert {"ml100k/stage2/prompt.yaml", "ml100k/stage2/lora.yaml",
+            "ml100k/stage2/ia3.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
 def test_config_validates(path):
     cfg = load_config(path)
     assert cfg.backbone.name and cfg.data.path
+
+
+@pytest.mark.parametrize("path", STAGE2, ids=_id)
+def test_stage2_config_validates(path):
+    """Stage-2 configs validate, tune the pretrained text tower only, and train < 2% of it."""
+    from train.encoders.minilm import MiniLMConfig, MiniLMTower
+    from train.encoders.peft_methods import apply_peft
+    from train.encoders.prompts import count_trainable
+    from train.stage2 import Stage2Config
+
+    s2 = Stage2Config.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    assert s2.modalities == ["text"], "the ml100k image tower has random weights"
+    tower = MiniLMTower.from_config(MiniLMConfig())
+    encoder = count_trainable(tower)[1]
+    trainable = count_trainable(apply_peft(tower, s2.method))[0]
+    assert 0 < trainable < 0.02 * encoder
 
 
 def test_override_and_unknown_key():

@@ -1,12 +1,27 @@
-"""Figures of a run directory: training curves (and, later, feature t-SNE)."""
+"""Figures of a run directory: training curves, and t-SNE + KDE of item features (PTMRec Fig. 4).
+
+`python -m train.plots RUN_DIR` on a stage-2 run (train.stage2) draws, per tuned modality, the item
+features before stage 2 (the frozen encoder's, from the feature cache) and after it (the tuned
+towers' at the best validation epoch: the backbone's feature table in best.pt, or, for backbones
+without one, the items re-encoded with the tuned towers loaded from best.pt). Each set is
+L2-normalised and embedded in 2-D with scikit-learn's t-SNE; the panels show the points over a
+Gaussian kernel density estimate (scipy), and the KDE of the points' angles around the centre
+(how uniformly the items spread, as in uniformity analyses of representations).
+"""
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def plot_curves(history: list[dict], path: Path, metric: str = "recall@20") -> None:
@@ -28,3 +43,141 @@ def plot_curves(history: list[dict], path: Path, metric: str = "recall@20") -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of L2-normalised rows (perplexity capped for small sets), (N, 2)."""
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 5:
+        raise ValueError(f"t-SNE needs at least 5 feature rows, got shape {x.shape}")
+    x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    perplexity = float(min(30.0, (len(x) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def density(points: np.ndarray, grid: int = 80) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian KDE of 2-D points on a grid over their bounding box: (xx, yy, zz)."""
+    from scipy.stats import gaussian_kde
+
+    lo, hi = points.min(0), points.max(0)
+    pad = 0.05 * (hi - lo + 1e-9)
+    xx, yy = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid),
+                         np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid))
+    kde = gaussian_kde(points.T)
+    return xx, yy, kde(np.vstack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
+
+
+def angle_density(points: np.ndarray, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """KDE of the angles of the centred, normalised 2-D points on [-pi, pi]: (angles, density)."""
+    from scipy.stats import gaussian_kde
+
+    centred = points - points.mean(0)
+    angles = np.arctan2(centred[:, 1], centred[:, 0])
+    grid = np.linspace(-np.pi, np.pi, n)
+    return grid, gaussian_kde(angles)(grid)
+
+
+def plot_tsne_kde(sets: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                  seed: int = 0, title: str = "") -> None:
+    """Per modality: t-SNE + KDE of the features before and after stage 2, and their angle KDEs."""
+    if not sets:
+        raise ValueError("no feature sets to plot")
+    fig, axes = plt.subplots(len(sets), 3, figsize=(15, 4.6 * len(sets)), squeeze=False)
+    for row, (modality, (before, after)) in zip(axes, sets.items()):
+        for ax, name, feats in ((row[0], "before stage 2 (frozen)", before),
+                                (row[1], "after stage 2 (tuned)", after)):
+            pts = tsne_2d(feats, seed)
+            xx, yy, zz = density(pts)
+            ax.contourf(xx, yy, zz, levels=12, cmap="Blues")
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, c="k", alpha=0.35)
+            ax.set_title(f"{modality}: {name}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            grid, dens = angle_density(pts)
+            row[2].plot(grid, dens, label=name)
+        row[2].set_title(f"{modality}: KDE of t-SNE angles")
+        row[2].set_xlabel("angle (rad)")
+        row[2].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tuned modality of a stage-2 run: (frozen features, tuned features at best valid)."""
+    import torch
+    import yaml
+
+    from train import checkpoint
+    from train.config import load_config
+    from train.data import load_dataset
+    from train.features import item_features
+    from train.fit import BEST
+    from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers, encode
+
+    device = device or torch.device("cpu")
+    for name in ("stage2.yaml", STAGE1_CONFIG, BEST):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name}: not a finished stage-2 run "
+                                    "(python -m train.stage2 --run STAGE1_RUN --out RUN_DIR)")
+    s2 = Stage2Config.model_validate(yaml.safe_load((run_dir / "stage2.yaml").read_text()) or {})
+    cfg = load_config(run_dir / STAGE1_CONFIG)
+    dataset = load_dataset(cfg.data.path)
+    before = item_features(cfg.encoders, dataset, device)
+    state = checkpoint.load(run_dir / BEST)
+    after, missing = {}, []
+    for m in s2.modalities:
+        table = state.get(f"backbone.features.{m}")
+        if table is not None and tuple(table.shape) == before[m].shape:
+            after[m] = table.float().cpu().numpy()
+        else:
+            missing.append(m)
+    if missing:
+        after |= _reencode(run_dir, cfg, s2, dataset, state, missing, device, build_towers, encode)
+    return {m: (np.asarray(before[m]), after[m]) for m in s2.modalities}
+
+
+def _reencode(run_dir, cfg, s2, dataset, state, modalities, device, build_towers,
+              encode) -> dict[str, np.ndarray]:
+    """Re-encode every item with the tuned towers stored in best.pt."""
+    towers = build_towers(cfg.encoders, s2.model_copy(update={"modalities": modalities}))
+    raw = {"image": dataset.items.images, "text": dataset.items.texts}
+    out = {}
+    for m, tower in towers.items():
+        prefix = f"towers.{m}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise KeyError(f"{run_dir}/best.pt has no {prefix}* parameters to re-encode {m} with")
+        result = tower.load_state_dict(own, strict=False)
+        tuned = {n for n, q in tower.named_parameters() if q.requires_grad}
+        if result.unexpected_keys or tuned & set(result.missing_keys):
+            raise KeyError(f"{run_dir}/best.pt does not match the {m} tower of its stage2.yaml: "
+                           f"unexpected {result.unexpected_keys[:3]}, missing tuned "
+                           f"{sorted(tuned & set(result.missing_keys))[:3]}")
+        tower.to(device).eval()
+        out[m] = encode(tower, raw[m], s2.encode_batch_size, device, grad=False).cpu().numpy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `python -m train.plots RUN_DIR [--out PNG] [--seed S]` for a stage-2 run."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="stage-2 run directory")
+    p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/plots/tsne_kde.png)")
+    p.add_argument("--seed", type=int, default=0, help="t-SNE random state")
+    args = p.parse_args(argv)
+    out = args.out or args.run / "plots" / "tsne_kde.png"
+    plot_tsne_kde(stage2_feature_sets(args.run), out, args.seed, title=str(args.run))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
