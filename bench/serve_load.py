@@ -19,6 +19,8 @@ share the port with `--reuse-port`). h2load counts any HTTP 200 as a success, gR
 each body is first sent once with `nghttp` and its `grpc-status` trailer checked, and the servers'
 own `recsys_requests_total{method="Recommend"}` counters (scraped from their metrics ports before
 and after) must show no status but OK. Without h2load that part is skipped with a message.
+With several processes the kernel spreads connections by a hash of their addresses, so with few
+connections all of them may land on one process: the per-process OK column shows the split.
 
     python bench/serve_load.py --sizes 100000 1000000 --swaps 20 --soak-seconds 600
     python bench/serve_load.py --driver h2load --swaps 0 --server-configs 1x8 2x4
