@@ -7,7 +7,8 @@ L_KT = Σ_m KL(p_id || p_m) over the first `kt_batch_size` pairs of the batch (i
 before encoding), with p_id from a per-epoch detached snapshot of the backbone's embeddings.
 Before every validation (every `refresh_every` epochs) all items are re-encoded (no grad, batched,
 texts grouped by length to save padding) and replace the backbone's feature tables; early stopping
-and test-at-best-valid are as in stage 1. Mixed precision (bf16 autocast) on CUDA.
+and test-at-best-valid are as in stage 1. Mixed precision (bf16 autocast) on CUDA, and on
+CPU with `cpu_bf16`. The tuned tower parameters may have their own learning rate.
 
 Ablations (the paper's Fig. 3):
 - `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
@@ -73,6 +74,12 @@ class Stage2Config(BaseModel):
     kt_weight: float = Field(1.0, ge=0.0, description="weight of the tuning loss (KT or BPR)")
     refresh_every: int = Field(1, ge=1, description="re-encode all items every k epochs "
                                                      "(validation in between uses the last ones)")
+    refresh_at_start: bool = Field(True, description="re-encode before the first epoch; False: "
+                                   "the first epoch trains on the stage-1 (frozen) features")
+    tower_learning_rate: float | None = Field(None, gt=0, description="Adam lr of the tuned tower "
+                                              "parameters; None = learning_rate")
+    cpu_bf16: bool = Field(False, description="bf16 autocast on CPU as well (CUDA always uses it); "
+                           "about 2x faster encoding on CPUs with AVX512-BF16/AMX")
     encode_batch_size: int = Field(64, ge=1)
 
 
@@ -97,8 +104,10 @@ def length_order(tower, raw: list) -> list[int] | None:
     return sorted(range(len(raw)), key=lambda j: len(raw[j] or ""))
 
 
-def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool) -> torch.Tensor:
-    """Encode raw items in batches (texts grouped by length), (N, d) on device in input order."""
+def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool,
+           bf16: bool = False) -> torch.Tensor:
+    """Encode raw items in batches (texts grouped by length), (N, d) on device in input order;
+    bf16 autocast on CUDA, and on CPU too when `bf16`."""
     order = length_order(tower, raw)
     items = raw if order is None else [raw[j] for j in order]
     out = []
@@ -107,7 +116,8 @@ def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool) 
             prepared = tower.prepare_counted(items[s:s + batch_size])[0]
             prepared = ({k: v.to(device) for k, v in prepared.items()}
                         if isinstance(prepared, dict) else prepared.to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda" or bf16):
                 out.append(tower(prepared).float())
     feats = torch.cat(out)
     if order is None:
@@ -122,7 +132,7 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     and write the result into the backbone's feature tables."""
     for t in towers.values():
         t.eval()
-    tuned = {m: encode(t, raw[m], s2.encode_batch_size, device, grad=False)
+    tuned = {m: encode(t, raw[m], s2.encode_batch_size, device, grad=False, bf16=s2.cpu_bf16)
              for m, t in towers.items()}
     feats = raw["frozen"] | tuned
     tables = getattr(model, "features", {})
@@ -137,7 +147,8 @@ def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Confi
     """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once."""
     uniq, inverse = torch.unique(items, return_inverse=True)
     tower.train()
-    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode_batch_size, device, grad=True)
+    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode_batch_size, device, grad=True,
+               bf16=s2.cpu_bf16)
     return heads.heads[m](f)[inverse.to(f.device)]
 
 
@@ -220,16 +231,25 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device)
 
 
+def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:
+    """Adam parameter groups: the tuned tower parameters (tower_learning_rate), and the rest."""
+    towers = {id(p) for p in modules["towers"].parameters() if p.requires_grad}
+    rest = [p for p in modules.parameters() if p.requires_grad and id(p) not in towers]
+    tuned = [p for p in modules["towers"].parameters() if p.requires_grad]
+    return [{"params": rest},
+            {"params": tuned, "lr": s2.tower_learning_rate or s2.learning_rate}]
+
+
 def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device) -> dict:
     """Early-stopped stage-2 loop with re-encoding before every validation."""
-    params = [p for p in modules.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=s2.learning_rate)
+    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = NegativeSampler(dataset.train, dataset.n_items)
     valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)
     test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
     train_pairs = torch.from_numpy(dataset.train)
-    feats = refresh_features(model, towers, raw, s2, device)
+    feats = (refresh_features(model, towers, raw, s2, device) if s2.refresh_at_start
+             else dict(raw["frozen"]))
     best, best_epoch, bad, history, result = -math.inf, -1, 0, [], {}
     step_cap = s2.kt_steps_per_epoch or math.inf
     for epoch in range(s2.epochs):

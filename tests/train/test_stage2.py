@@ -11,7 +11,8 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import TUNING_LOSSES, Stage2Config, build_towers, encode, main, run_stage2
+from train.stage2 import (TUNING_LOSSES, Stage2Config, build_towers, encode, main,
+                          param_groups, run_stage2)
 from train.synthetic import generate
 
 
@@ -114,3 +115,18 @@ def test_two_stages_without_kt_run(stage1_run, tmp_path):
     assert prompts["bpr"] and len(prompts["bpr"]) == len(prompts["off"])
     # same seed, same initial prompts: only the BPR tuning loss moves them
     assert all(not torch.equal(a, b) for a, b in zip(prompts["bpr"], prompts["off"]))
+
+
+def test_cpu_budget_options(stage1_run, tmp_path):
+    """No initial re-encoding, bf16 on CPU, a separate tower learning rate."""
+    s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "modalities": ["text"],
+                                      "kt_batch_size": 16, "kt_steps_per_epoch": 1, "epochs": 1,
+                                      "refresh_at_start": False, "cpu_bf16": True,
+                                      "learning_rate": 1e-3, "tower_learning_rate": 1e-2})
+    metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
+    assert metrics["epochs_run"] == 1 and metrics["trainable_encoder_params"] > 0
+    towers = torch.nn.ModuleDict(build_towers(load_config(stage1_run / "config.yaml").encoders, s2))
+    modules = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "towers": towers})
+    rest, tuned = param_groups(modules, s2)
+    assert len(rest["params"]) == 2 and tuned["lr"] == 1e-2
+    assert sum(p.numel() for p in tuned["params"]) == metrics["trainable_encoder_params"]
