@@ -8,7 +8,7 @@ before encoding), with p_id from a per-epoch detached snapshot of the backbone's
 Before every validation (every `refresh_every` epochs) all items are re-encoded (no grad, batched,
 texts grouped by length to save padding) and replace the backbone's feature tables; early stopping
 and test-at-best-valid are as in stage 1. Mixed precision (bf16 autocast) on CUDA, and on
-CPU with `cpu_bf16`. The tuned tower parameters may have their own learning rate.
+CPU with `cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
 
 Ablations (the paper's Fig. 3):
 - `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
@@ -76,8 +76,9 @@ class Stage2Config(BaseModel):
                                                      "(validation in between uses the last ones)")
     refresh_at_start: bool = Field(True, description="re-encode before the first epoch; False: "
                                    "the first epoch trains on the stage-1 (frozen) features")
-    tower_learning_rate: float | None = Field(None, gt=0, description="Adam lr of the tuned tower "
-                                              "parameters; None = learning_rate")
+    tuning_learning_rate: float | None = Field(None, gt=0, description="Adam lr of what the tuning "
+                                               "loss trains (tuned tower parameters, content "
+                                               "heads); None = learning_rate (the backbone's)")
     cpu_bf16: bool = Field(False, description="bf16 autocast on CPU as well (CUDA always uses it); "
                            "about 2x faster encoding on CPUs with AVX512-BF16/AMX")
     encode_batch_size: int = Field(64, ge=1)
@@ -232,12 +233,14 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
 
 
 def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:
-    """Adam parameter groups: the tuned tower parameters (tower_learning_rate), and the rest."""
-    towers = {id(p) for p in modules["towers"].parameters() if p.requires_grad}
-    rest = [p for p in modules.parameters() if p.requires_grad and id(p) not in towers]
-    tuned = [p for p in modules["towers"].parameters() if p.requires_grad]
+    """Adam parameter groups: the backbone (learning_rate), and the tuned tower parameters with the
+    content heads (tuning_learning_rate)."""
+    tuned = [p for name in ("towers", "heads") if name in modules
+             for p in modules[name].parameters() if p.requires_grad]
+    ids = {id(p) for p in tuned}
+    rest = [p for p in modules.parameters() if p.requires_grad and id(p) not in ids]
     return [{"params": rest},
-            {"params": tuned, "lr": s2.tower_learning_rate or s2.learning_rate}]
+            {"params": tuned, "lr": s2.tuning_learning_rate or s2.learning_rate}]
 
 
 def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device) -> dict:

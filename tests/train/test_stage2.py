@@ -118,15 +118,19 @@ def test_two_stages_without_kt_run(stage1_run, tmp_path):
 
 
 def test_cpu_budget_options(stage1_run, tmp_path):
-    """No initial re-encoding, bf16 on CPU, a separate tower learning rate."""
+    """No initial re-encoding, bf16 on CPU, a separate learning rate for what the tuning trains."""
     s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "modalities": ["text"],
                                       "kt_batch_size": 16, "kt_steps_per_epoch": 1, "epochs": 1,
                                       "refresh_at_start": False, "cpu_bf16": True,
-                                      "learning_rate": 1e-3, "tower_learning_rate": 1e-2})
+                                      "learning_rate": 1e-3, "tuning_learning_rate": 1e-2})
     metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
     assert metrics["epochs_run"] == 1 and metrics["trainable_encoder_params"] > 0
     towers = torch.nn.ModuleDict(build_towers(load_config(stage1_run / "config.yaml").encoders, s2))
-    modules = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "towers": towers})
+    heads = ContentHeads(HeadsConfig(modalities=["text"]), {"text": towers["text"].out_dim}, 4)
+    modules = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "heads": heads,
+                                   "towers": towers})
     rest, tuned = param_groups(modules, s2)
     assert len(rest["params"]) == 2 and tuned["lr"] == 1e-2
-    assert sum(p.numel() for p in tuned["params"]) == metrics["trainable_encoder_params"]
+    head_params = sum(p.numel() for p in heads.parameters())
+    assert sum(p.numel() for p in tuned["params"]) == (metrics["trainable_encoder_params"]
+                                                       + head_params)
