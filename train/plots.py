@@ -54,7 +54,8 @@ def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
         raise ValueError(f"t-SNE needs at least 5 feature rows, got shape {x.shape}")
     x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
     perplexity = float(min(30.0, (len(x) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(x)
 
 
 def density(points: np.ndarray, grid: int = 80) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,7 +167,8 @@ def _reencode(run_dir, cfg, s2, dataset, state, modalities, device, build_towers
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m train.plots RUN_DIR [--out PNG] [--seed S]` for a stage-2 run."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="stage-2 run directory")

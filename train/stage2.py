@@ -124,7 +124,8 @@ def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool,
     if order is None:
         return feats
     inverse = torch.empty(len(order), dtype=torch.long, device=feats.device)
-    inverse[torch.tensor(order, device=feats.device)] = torch.arange(len(order), device=feats.device)
+    index = torch.tensor(order, device=feats.device)
+    inverse[index] = torch.arange(len(order), device=feats.device)
     return feats.index_select(0, inverse)
 
 
@@ -159,7 +160,8 @@ def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -
     u, i = targets[0][users].detach(), targets[1][pos].detach()
     loss = torch.zeros((), device=device)
     for m, tower in towers.items():
-        loss = loss + knowledge_transfer(u, i, u, head_vectors(heads, tower, m, raw, pos, s2, device))
+        item_m = head_vectors(heads, tower, m, raw, pos, s2, device)
+        loss = loss + knowledge_transfer(u, i, u, item_m)
     return s2.kt_weight * loss
 
 

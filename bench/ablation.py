@@ -1,0 +1,135 @@
+"""PTMRec ablation (the paper's Fig. 3) on ml100k_mm: which part of the two-stage design helps.
+
+Variants, all with the checked-in prompt config (configs/ml100k/stage2/prompt.yaml) unless noted:
+- frozen: frozen encoders, i.e. the stage-1 run itself;
+- joint: joint prompts without stage 1 (`from_stage1: false`: backbone, heads and prompts start
+  together from scratch); it needs a backbone's full schedule, so it has its own caps
+  (--joint-epochs, --joint-patience, --joint-kt-steps, the stage-1 lr --joint-lr) and re-encodes
+  every --joint-refresh epochs. On a CPU these caps stay far below stage 1's 100-300 epochs;
+- no_kt: two stages without KT (`tuning_loss: bpr`: prompts and heads train on BPR of
+  u · head(tower(i)) instead of the KL knowledge transfer);
+- full: two stages with KT (PTMRec).
+Prints test and validation Recall@20 (mean ± std over seeds, test at the best validation epoch)
+as a markdown table, and writes a bar chart (--png, default <out>/ablation.png).
+
+Usage (CPU-feasible caps):
+  .venv/bin/python bench/ablation.py --backbones lightgcn_mm --seeds 999 --epochs 2 --kt-steps 4
+Runs are shared with bench/peft_table.py (the same stage-2 config lands in the same directory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_run,  # noqa: E402
+                              stage2_settings)
+
+VARIANTS = ["frozen", "joint", "no_kt", "full"]
+LABELS = {"frozen": "frozen encoders (stage 1)", "joint": "joint prompts, no stage 1",
+          "no_kt": "two stages, no KT", "full": "two stages + KT (full)"}
+
+
+def variant_runs(variant: str, backbone: str, args) -> list[dict]:
+    """Metrics of one variant for every seed (stage-1 runs trained when missing)."""
+    runs = []
+    for seed in args.seeds:
+        stage1 = stage1_run(backbone, seed, args)
+        if variant == "frozen":
+            runs.append(json.loads((stage1 / "metrics.json").read_text()))
+            continue
+        if variant == "full":
+            name, extra = "prompt", {}
+        elif variant == "no_kt":
+            name, extra = "prompt_nokt", {"tuning_loss": "bpr"}
+        else:
+            name, extra = "prompt_joint", {"from_stage1": False, "epochs": args.joint_epochs,
+                                           "patience": args.joint_patience,
+                                           "refresh_every": args.joint_refresh,
+                                           "learning_rate": args.joint_lr,
+                                           "kt_steps_per_epoch": args.joint_kt_steps}
+        runs.append(stage2_run(name, stage1, stage2_settings("prompt", args, extra), seed, args))
+    return runs
+
+
+def summary(runs: list[dict], split: str) -> tuple[float, float]:
+    """(mean, sample std) of Recall@20 on a split."""
+    values = [r[split]["recall@20"] for r in runs]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def bar_chart(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """Grouped bars: test Recall@20 per backbone and variant, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(results)
+    variants = [v for v in VARIANTS if any(v in results[b] for b in backbones)]
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(3.5 + 2.4 * len(backbones), 5))
+    for k, variant in enumerate(variants):
+        stats = [summary(results[b][variant], "test") if variant in results[b] else (0.0, 0.0)
+                 for b in backbones]
+        xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(backbones))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3,
+               label=LABELS[variant])
+    ax.set_xticks(range(len(backbones)), backbones)
+    ax.set_ylabel("test Recall@20 (mean ± std)")
+    lows = [summary(r, "test")[0] for b in backbones for r in results[b].values()]
+    ax.set_ylim(max(0.0, min(lows) * 0.9), max(lows) * 1.05)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    ax.set_title("PTMRec ablation, ml100k_mm (text tower tuned)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or reuse) every backbone x variant x seed, print the table, draw the chart."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--joint-epochs", type=int, default=20, help="epochs of the joint variant")
+    p.add_argument("--joint-patience", type=int, default=10)
+    p.add_argument("--joint-refresh", type=int, default=10,
+                   help="joint variant: re-encode every k epochs")
+    p.add_argument("--joint-lr", type=float, default=1e-3,
+                   help="joint variant: backbone lr (from scratch: the stage-1 configs' 1e-3)")
+    p.add_argument("--joint-kt-steps", type=int, default=1,
+                   help="joint variant: tuning steps per epoch")
+    p.add_argument("--png", type=Path, help="bar chart path (default <out>/ablation.png)")
+    args = p.parse_args(argv)
+    results: dict[str, dict[str, list[dict]]] = {}
+    rows = []
+    for backbone in args.backbones:
+        results[backbone] = {}
+        for variant in args.variants:
+            runs = results[backbone][variant] = variant_runs(variant, backbone, args)
+            epochs = statistics.mean(r.get("epochs_run", len(r.get("epoch_seconds", [])))
+                                     for r in runs)
+            rows.append(f"| {backbone} | {LABELS[variant]} | "
+                        f"{fmt([r['test']['recall@20'] for r in runs])} | "
+                        f"{fmt([r['valid']['recall@20'] for r in runs])} | "
+                        f"{fmt([r['test']['ndcg@20'] for r in runs])} | {epochs:.0f} |")
+            print(rows[-1], flush=True)
+    png = args.png or args.out / "ablation.png"
+    bar_chart(results, png)
+    print(f"\nml100k_mm, seeds {args.seeds}; test at the best validation epoch; chart: {png}\n")
+    print("| backbone | variant | test R@20 | valid R@20 | test NDCG@20 | epochs run |")
+    print("|---" * 6 + "|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
