@@ -83,8 +83,8 @@ def bar_chart(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
                label=LABELS[variant])
     ax.set_xticks(range(len(backbones)), backbones)
     ax.set_ylabel("test Recall@20 (mean ± std)")
-    lows = [summary(r, "test")[0] for b in backbones for r in results[b].values()]
-    ax.set_ylim(max(0.0, min(lows) * 0.9), max(lows) * 1.05)
+    stats = [summary(r, "test") for b in backbones for r in results[b].values()]
+    ax.set_ylim(max(0.0, min(m - s for m, s in stats) * 0.95), max(m + s for m, s in stats) * 1.02)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.set_title("PTMRec ablation, ml100k_mm (text tower tuned)")
     fig.tight_layout()
@@ -115,18 +115,22 @@ def main(argv: list[str] | None = None) -> int:
         results[backbone] = {}
         for variant in args.variants:
             runs = results[backbone][variant] = variant_runs(variant, backbone, args)
+            frozen = results[backbone].get("frozen") or variant_runs("frozen", backbone, args)
+            delta = fmt([r["test"]["recall@20"] - f["test"]["recall@20"]
+                         for r, f in zip(runs, frozen)])
             epochs = statistics.mean(r.get("epochs_run", len(r.get("epoch_seconds", [])))
                                      for r in runs)
             rows.append(f"| {backbone} | {LABELS[variant]} | "
                         f"{fmt([r['test']['recall@20'] for r in runs])} | "
                         f"{fmt([r['valid']['recall@20'] for r in runs])} | "
-                        f"{fmt([r['test']['ndcg@20'] for r in runs])} | {epochs:.0f} |")
+                        f"{fmt([r['test']['ndcg@20'] for r in runs])} | {delta} | {epochs:.0f} |")
             print(rows[-1], flush=True)
     png = args.png or args.out / "ablation.png"
     bar_chart(results, png)
     print(f"\nml100k_mm, seeds {args.seeds}; test at the best validation epoch; chart: {png}\n")
-    print("| backbone | variant | test R@20 | valid R@20 | test NDCG@20 | epochs run |")
-    print("|---" * 6 + "|")
+    print("| backbone | variant | test R@20 | valid R@20 | test NDCG@20 | test R@20 - frozen "
+          "(paired by seed) | epochs run |")
+    print("|---" * 7 + "|")
     print("\n".join(rows))
     return 0
 

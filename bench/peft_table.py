@@ -9,7 +9,8 @@ stage-1 run itself (bench/ml100k_table.py layout, reused when finished).
 Usage (CPU-feasible caps):
   .venv/bin/python bench/peft_table.py --backbones lightgcn_mm --seeds 999 --epochs 2 --kt-steps 4
 Stage-1 runs live under --stage1-root/<backbone>/<seed>; stage-2 runs under
---out/<backbone>/<method>-<config hash>/<seed>; finished runs with the same config are reused.
+--out/<backbone>/<method>-<hash of the stage-2 config and stage-1 root>/<seed>; finished runs with
+the same config are reused.
 """
 from __future__ import annotations
 
@@ -109,14 +110,20 @@ def stage2_settings(method_file: str, args, extra: dict | None = None) -> dict:
     return raw | (extra or {})
 
 
+def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path:
+    """<root>/<backbone>/<name>-<hash of the stage-2 config and the stage-1 root>/<seed>."""
+    key = json.dumps({"stage2": s2, "stage1_root": str(stage1.resolve().parents[1])},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return root / stage1.parent.name / f"{name}-{digest}" / str(seed)
+
+
 def stage2_run(name: str, stage1: Path, settings: dict, seed: int, args) -> dict:
     """Metrics of one stage-2 run, reused when a finished run has the same resolved config."""
     from train.stage2 import Stage2Config
 
     s2 = Stage2Config.model_validate(settings).model_dump(mode="json")
-    key = json.dumps({"stage2": s2, "stage1": str(stage1.resolve())}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
-    out = args.out / stage1.parent.name / f"{name}-{digest}" / str(seed)
+    out = stage2_dir(args.out, stage1, name, s2, seed)
     done = out / "metrics.json"
     if done.is_file() and not args.rerun:
         return json.loads(done.read_text())
