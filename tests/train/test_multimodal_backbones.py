@@ -1,4 +1,5 @@
-"""Multimodal backbones beyond the shared contract (tests/train/test_backbones.py): modalities, FREEDOM graph, resume."""
+"""Multimodal backbones beyond the shared contract of tests/train/test_backbones.py:
+modalities, FREEDOM graph, resume."""
 from __future__ import annotations
 
 import shutil
