@@ -1,8 +1,9 @@
-"""Image preprocessing for the ONNX image tower, re-implemented torch-free from preprocess.json.
+"""Image preprocessing for the ONNX image tower, torch-free, from preprocess.json.
 
-Serving may not import `train/`, so this module repeats the steps of
-`train.encoders.preprocess` (open_clip's eval transform in Pillow + numpy) from the same spec
-fields; `tests/serve/test_preprocess.py` asserts equality with the training code on odd images:
+This is the one implementation of open_clip's eval transform in Pillow + numpy: training
+(`train.encoders.preprocess`, which adds the open_clip spec and the blank rule for bad files), the
+exporter's parity checks and serving all call `transform`. `tests/train/encoders/test_preprocess.py`
+asserts equality with open_clip's own torchvision transform on odd images:
 
 1. resize in the image's own mode: `shortest` (square target: short side to size, long side
    `int(size * long / short)`; non-square: scale `1 / min(h/th, w/tw)`, rounded, always bicubic),
