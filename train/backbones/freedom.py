@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from train.backbones.base import Backbone, BackboneInputs
-from train.backbones.fused import ModalConfig, feature_tables, require_features
+from train.backbones.fused import ModalConfig, init_ids_and_content
 from train.graph import (bipartite_edge_weights, csr_transpose, normalized_adjacency,
                          propagate_mean, prune_edges, spmm)
 from train.knn import knn_graph, weighted_sum
@@ -49,15 +49,7 @@ class FREEDOM(Backbone):
     def __init__(self, cfg: FREEDOMConfig, inputs: BackboneInputs):
         super().__init__()
         self.cfg = cfg
-        self.n_users, self.n_items = inputs.n_users, inputs.n_items
-        feats = require_features(inputs, cfg.modalities, cfg.name)
-        d = cfg.embedding_size
-        self.user_embedding = nn.Embedding(inputs.n_users, d)
-        self.item_id_embedding = nn.Embedding(inputs.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
-        self.features = feature_tables(feats, trainable=True)                # where content enters
-        self.trs = nn.ModuleDict({m: nn.Linear(f.shape[1], d) for m, f in feats.items()})
+        feats = init_ids_and_content(self, inputs, cfg.modalities, cfg.name, cfg.embedding_size)
         mm_adj = self._item_graph(feats)
         self.register_buffer("mm_adj", mm_adj, persistent=False)
         self.register_buffer("mm_adj_t", csr_transpose(mm_adj), persistent=False)

@@ -44,6 +44,21 @@ def feature_tables(features: dict[str, torch.Tensor], trainable: bool) -> nn.Par
                              for m, f in features.items()})
 
 
+def init_ids_and_content(model: Backbone, inputs: BackboneInputs, modalities, name: str,
+                         d: int) -> dict[str, torch.Tensor]:
+    """FREEDOM/MGCN/SMORE set-up: xavier-uniform user and item ID embeddings (d), trainable
+    feature tables `features` and their projections `trs` (Linear d_m -> d); returns the features."""
+    model.n_users, model.n_items = inputs.n_users, inputs.n_items
+    feats = require_features(inputs, modalities, name)
+    model.user_embedding = nn.Embedding(inputs.n_users, d)
+    model.item_id_embedding = nn.Embedding(inputs.n_items, d)
+    nn.init.xavier_uniform_(model.user_embedding.weight)
+    nn.init.xavier_uniform_(model.item_id_embedding.weight)
+    model.features = feature_tables(feats, trainable=True)                    # where content enters
+    model.trs = nn.ModuleDict({m: nn.Linear(f.shape[1], d) for m, f in feats.items()})
+    return feats
+
+
 def xavier_linear(d_in: int, d_out: int) -> nn.Linear:
     """Linear layer with MMRec's xavier-normal weight and zero bias."""
     layer = nn.Linear(d_in, d_out)

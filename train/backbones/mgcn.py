@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from train.backbones.base import Backbone, BackboneInputs
-from train.backbones.fused import MODALITIES, feature_tables, require_features
+from train.backbones.fused import MODALITIES, init_ids_and_content
 from train.graph import csr_transpose, normalized_adjacency, propagate_mean, spmm, user_item_block
 from train.knn import knn_graph
 from train.losses import bpr_loss, info_nce, squared_l2
@@ -58,15 +58,7 @@ class ModalGraphBackbone(Backbone):
     def __init__(self, cfg, inputs: BackboneInputs):
         super().__init__()
         self.cfg = cfg
-        self.n_users, self.n_items = inputs.n_users, inputs.n_items
-        feats = require_features(inputs, MODALITIES, cfg.name)
-        d = cfg.embedding_size
-        self.user_embedding = nn.Embedding(inputs.n_users, d)
-        self.item_id_embedding = nn.Embedding(inputs.n_items, d)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_id_embedding.weight)
-        self.features = feature_tables(feats, trainable=True)                # where content enters
-        self.trs = nn.ModuleDict({m: nn.Linear(f.shape[1], d) for m, f in feats.items()})
+        init_ids_and_content(self, inputs, MODALITIES, cfg.name, cfg.embedding_size)
         users, items = inputs.train_users, inputs.train_items
         self.register_buffer("norm_adj", normalized_adjacency(users, items, self.n_users,
                                                               self.n_items), persistent=False)
