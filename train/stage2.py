@@ -7,8 +7,9 @@ L_KT = Σ_m KL(p_id || p_m) over the first `kt_batch_size` pairs of the batch (i
 before encoding), with p_id from a per-epoch detached snapshot of the backbone's embeddings.
 Before every validation (every `refresh_every` epochs) all items are re-encoded (no grad, batched,
 texts grouped by length to save padding) and replace the backbone's feature tables; early stopping
-and test-at-best-valid are as in stage 1. Mixed precision (bf16 autocast) on CUDA, and on
-CPU with `cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
+and test-at-best-valid are as in stage 1. The loaded stage-1 state is validated first and, with
+`keep_start`, competes as epoch -1 (best_epoch -1: no stage-2 epoch beat it on validation).
+Mixed precision (bf16 autocast) on CUDA, and on CPU with `cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
 
 Ablations (the paper's Fig. 3):
 - `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
@@ -82,6 +83,10 @@ class Stage2Config(BaseModel):
     cpu_bf16: bool = Field(False, description="bf16 autocast on CPU as well (CUDA always uses it); "
                            "about 2x faster encoding on CPUs with AVX512-BF16/AMX")
     encode_batch_size: int = Field(64, ge=1)
+    keep_start: bool = Field(True, description="validate the loaded stage-1 state before the first "
+                             "epoch and keep it as the epoch-(-1) candidate of test-at-best-valid "
+                             "(stage 2 then never returns a model worse on validation than it "
+                             "started from); False: only stage-2 epochs compete")
 
 
 def build_towers(enc_cfg, s2: Stage2Config) -> dict[str, torch.nn.Module]:
@@ -255,7 +260,25 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     train_pairs = torch.from_numpy(dataset.train)
     feats = (refresh_features(model, towers, raw, s2, device) if s2.refresh_at_start
              else dict(raw["frozen"]))
+
+    def keep(valid: dict, feats: dict) -> dict:
+        """Test (and cold-start) figures of the current state, saved as the best checkpoint."""
+        kept = {"valid": valid, "test": evaluate_model(model, test_eval)}
+        if split is not None:
+            kept["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
+                                                    cfg.cold_start.ks, cfg.seed)
+        checkpoint.save_atomic(dict(modules.state_dict()), out / BEST)
+        return kept
+
     best, best_epoch, bad, history, result = -math.inf, -1, 0, [], {}
+    start_valid = None
+    if s2.from_stage1:  # the loaded state: checks the load, and is the candidate "epoch -1"
+        start_valid = evaluate_model(model, valid_eval)
+        log.info("stage 2 start (stage-1 weights, %s features): valid %s %.4f",
+                 "re-encoded" if s2.refresh_at_start else "stage-1", cfg.eval.valid_metric,
+                 start_valid[cfg.eval.valid_metric])
+        if s2.keep_start:
+            best, result = start_valid[cfg.eval.valid_metric], keep(start_valid, feats)
     step_cap = s2.kt_steps_per_epoch or math.inf
     for epoch in range(s2.epochs):
         t0 = time.perf_counter()
@@ -273,11 +296,7 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
                  cfg.eval.valid_metric, valid[cfg.eval.valid_metric], history[-1]["seconds"])
         if valid[cfg.eval.valid_metric] > best:
             best, best_epoch, bad = valid[cfg.eval.valid_metric], epoch, 0
-            result = {"valid": valid, "test": evaluate_model(model, test_eval)}
-            if split is not None:
-                result["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
-                                                          cfg.cold_start.ks, cfg.seed)
-            checkpoint.save_atomic({k: v for k, v in modules.state_dict().items()}, out / BEST)
+            result = keep(valid, feats)
         else:
             bad += 1
             if bad > s2.patience:
@@ -285,6 +304,7 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     trainable = sum(count_trainable(t)[0] for t in towers.values())
     encoder = sum(count_trainable(t)[1] for t in towers.values())
     metrics = result | {"best_epoch": best_epoch, "epochs_run": len(history),
+                        "start_valid": start_valid,
                         "epoch_seconds": [h["seconds"] for h in history],
                         "train_seconds": [h["train_seconds"] for h in history],
                         "valid_curve": [h["valid"][cfg.eval.valid_metric] for h in history],

@@ -2,6 +2,8 @@
 metrics are written."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,12 +49,30 @@ def test_stage2_methods(stage1_run, tmp_path, method):
 
 def test_prompts_move_under_kt(stage1_run, tmp_path):
     s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
-                                      "kt_batch_size": 16, "kt_steps_per_epoch": 3, "epochs": 1})
+                                      "kt_batch_size": 16, "kt_steps_per_epoch": 3, "epochs": 1,
+                                      "keep_start": False})
+    start = build_towers(load_config(stage1_run / "config.yaml").encoders, s2)
     run_stage2(stage1_run, s2, tmp_path / "a", torch.device("cpu"))
-    torch.manual_seed(0)
     state = checkpoint.load(tmp_path / "a" / "best.pt")
-    prompts = [v for k, v in state.items() if k.endswith("prompts")]
-    assert prompts and all(p.std() > 0 for p in prompts)
+    prompts = {k: v for k, v in state.items() if k.endswith("prompts")}
+    initial = {f"towers.{m}.{k}": v for m, t in start.items()
+               for k, v in t.state_dict().items() if k.endswith("prompts")}
+    assert prompts and prompts.keys() == initial.keys()
+    assert all(not torch.equal(prompts[k], initial[k]) for k in prompts)
+
+
+def test_start_state_reproduces_stage1_and_is_kept(stage1_run, tmp_path):
+    """Loading is exact (the start validates like stage 1's best epoch) and, with nothing
+    learned (learning rate 0, an identity-initialised method), no epoch beats it: best_epoch -1."""
+    s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 1, "epochs": 2, "patience": 5,
+                                      "learning_rate": 0.0})
+    metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
+    stage1 = json.loads((stage1_run / "metrics.json").read_text())
+    assert metrics["start_valid"] == pytest.approx(stage1["valid"], abs=1e-6)
+    assert metrics["best_epoch"] == -1 and metrics["epochs_run"] == 2
+    assert metrics["test"] == pytest.approx(stage1["test"], abs=1e-6)
+    assert (tmp_path / "best.pt").exists()
 
 
 def test_cli_and_missing_encoders(stage1_run, tmp_path, capsys):
@@ -104,7 +124,8 @@ def test_encode_keeps_input_order(stage1_run):
 
 def test_two_stages_without_kt_run(stage1_run, tmp_path):
     base = {"method": {"name": "prompt", "n_ctx": 2, "depth": 2}, "tuning_loss": "bpr",
-            "kt_batch_size": 16, "kt_steps_per_epoch": 2, "epochs": 2, "refresh_every": 2}
+            "kt_batch_size": 16, "kt_steps_per_epoch": 2, "epochs": 2, "refresh_every": 2,
+            "keep_start": False}
     prompts = {}
     for name, weight in (("bpr", 1.0), ("off", 0.0)):
         s2 = Stage2Config.model_validate(base | {"kt_weight": weight})
