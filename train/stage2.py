@@ -46,7 +46,7 @@ from train.encoders.peft_methods import PeftMethodConfig, apply_peft
 from train.encoders.prompts import PromptConfig, count_trainable, prompted_text_config
 from train.evaluate import Evaluator
 from train.features import item_features
-from train.fit import BEST, evaluate_model
+from train.fit import BEST, CHECKPOINT, evaluate_model
 from train.heads import ContentHeads, HeadsConfig
 from train.losses import bpr_loss, knowledge_transfer
 from train.sampling import NegativeSampler, epoch_batches
@@ -83,6 +83,10 @@ class Stage2Config(BaseModel):
     cpu_bf16: bool = Field(False, description="bf16 autocast on CPU as well (CUDA always uses it); "
                            "about 2x faster encoding on CPUs with AVX512-BF16/AMX")
     encode_batch_size: int = Field(64, ge=1)
+    resume_optimizer: bool = Field(True, description="start the backbone's Adam from the stage-1 "
+                                   "run's moments (checkpoint.pt, its last epoch) instead of "
+                                   "zeros: a fresh Adam's first steps, about lr per coordinate, "
+                                   "knock a converged backbone off its optimum")
     keep_start: bool = Field(True, description="validate the loaded stage-1 state before the first "
                              "epoch and keep it as the epoch-(-1) candidate of test-at-best-valid "
                              "(stage 2 then never returns a model worse on validation than it "
@@ -236,7 +240,8 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
         t.to(device)
     modules["towers"] = torch.nn.ModuleDict(towers)
     raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": inputs.features}
-    return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device)
+    return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
+                       stage1_run)
 
 
 def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:
@@ -250,9 +255,39 @@ def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:
             {"params": tuned, "lr": s2.tuning_learning_rate or s2.learning_rate}]
 
 
-def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device) -> dict:
+def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.ModuleDict,
+                           stage1_run: Path, stage1_had_heads: bool) -> int:
+    """Copy the stage-1 run's Adam state (exp_avg, exp_avg_sq, step) onto the same-named, same-shape
+    trainable parameters of `modules`; returns how many parameters got it (0: no checkpoint)."""
+    path = stage1_run / CHECKPOINT
+    if not path.is_file():
+        log.warning("%s: no stage-1 optimizer state; stage 2 starts Adam from zeros", path)
+        return 0
+    saved = checkpoint.load(path)["optimizer"]["state"]
+    # stage 1 optimised ModuleDict({"backbone", ["heads"]}).parameters(), in this order
+    stage1 = {"backbone": modules["backbone"]}
+    if stage1_had_heads:
+        stage1["heads"] = modules["heads"]
+    names = [name for name, _ in torch.nn.ModuleDict(stage1).named_parameters()]
+    moments = {names[i]: state for i, state in saved.items() if i < len(names)}
+    restored = 0
+    for name, param in modules.named_parameters():
+        state = moments.get(name)
+        if state is None or not param.requires_grad or state["exp_avg"].shape != param.shape:
+            continue
+        optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
+                                  for k, v in state.items()}
+        restored += 1
+    return restored
+
+
+def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
+                stage1_run: Path) -> dict:
     """Early-stopped stage-2 loop with re-encoding before every validation."""
     optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.learning_rate)
+    if s2.from_stage1 and s2.resume_optimizer:
+        n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
+        log.info("Adam moments of %d parameter tensors restored from stage 1", n)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = NegativeSampler(dataset.train, dataset.n_items)
     valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)

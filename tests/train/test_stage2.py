@@ -155,3 +155,31 @@ def test_cpu_budget_options(stage1_run, tmp_path):
     head_params = sum(p.numel() for p in heads.parameters())
     assert sum(p.numel() for p in tuned["params"]) == (metrics["trainable_encoder_params"]
                                                        + head_params)
+
+
+def test_stage1_adam_moments_are_restored(stage1_run, tmp_path, monkeypatch):
+    """The backbone and heads continue from stage 1's Adam moments, matched by parameter name."""
+    from train import stage2
+
+    saved = checkpoint.load(stage1_run / "checkpoint.pt")["optimizer"]["state"]
+    checked = []
+
+    def spy(optimizer, modules, run, had_heads):
+        n = restore(optimizer, modules, run, had_heads)
+        stage1 = torch.nn.ModuleDict({"backbone": modules["backbone"], "heads": modules["heads"]})
+        for i, (name, param) in enumerate(stage1.named_parameters()):
+            if i in saved and param.requires_grad:
+                torch.testing.assert_close(optimizer.state[param]["exp_avg_sq"],
+                                           saved[i]["exp_avg_sq"], msg=name)
+                checked.append(name)
+        assert not any(p in optimizer.state for p in modules["towers"].parameters())
+        assert n == len(checked)
+        return n
+
+    restore = stage2.restore_stage1_moments
+    monkeypatch.setattr(stage2, "restore_stage1_moments", spy)
+    s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 1, "epochs": 1})
+    run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
+    assert any(n.startswith("backbone.") for n in checked)
+    assert any(n.startswith("heads.") for n in checked)
