@@ -8,8 +8,9 @@ before encoding), with p_id from a per-epoch detached snapshot of the backbone's
 Before every validation (every `refresh_every` epochs) all items are re-encoded (no grad, batched,
 texts grouped by length to save padding) and replace the backbone's feature tables; early stopping
 and test-at-best-valid are as in stage 1. The loaded stage-1 state is validated first and, with
-`keep_start`, competes as epoch -1 (best_epoch -1: no stage-2 epoch beat it on validation).
-Mixed precision (bf16 autocast) on CUDA, and on CPU with `cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
+`keep_start` and a stage-1 run that trained content heads, competes as epoch -1 (best_epoch -1: no
+stage-2 epoch beat it on validation). Mixed precision (bf16 autocast) on CUDA, and on CPU with
+`cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
 
 Ablations (the paper's Fig. 3):
 - `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
@@ -87,10 +88,11 @@ class Stage2Config(BaseModel):
                                    "run's moments (checkpoint.pt, its last epoch) instead of "
                                    "zeros: a fresh Adam's first steps, about lr per coordinate, "
                                    "knock a converged backbone off its optimum")
-    keep_start: bool = Field(True, description="validate the loaded stage-1 state before the first "
-                             "epoch and keep it as the epoch-(-1) candidate of test-at-best-valid "
-                             "(stage 2 then never returns a model worse on validation than it "
-                             "started from); False: only stage-2 epochs compete")
+    keep_start: bool = Field(True, description="keep the loaded stage-1 state (validated before "
+                             "the first epoch) as the epoch-(-1) candidate of test-at-best-valid, "
+                             "so stage 2 never returns a model worse on validation than it started "
+                             "from; only when stage 1 trained content heads (else the kept state "
+                             "would have no cold-start encoder). False: only stage-2 epochs compete")
 
 
 def build_towers(enc_cfg, s2: Stage2Config) -> dict[str, torch.nn.Module]:
@@ -312,7 +314,10 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
         log.info("stage 2 start (stage-1 weights, %s features): valid %s %.4f",
                  "re-encoded" if s2.refresh_at_start else "stage-1", cfg.eval.valid_metric,
                  start_valid[cfg.eval.valid_metric])
-        if s2.keep_start:
+        if s2.keep_start and cfg.heads is None:
+            log.warning("keep_start ignored: the stage-1 run trained no content heads, so its "
+                        "state has no cold-start encoder to export")
+        elif s2.keep_start:
             best, result = start_valid[cfg.eval.valid_metric], keep(start_valid, feats)
     step_cap = s2.kt_steps_per_epoch or math.inf
     for epoch in range(s2.epochs):

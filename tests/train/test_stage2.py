@@ -18,19 +18,23 @@ from train.stage2 import (TUNING_LOSSES, Stage2Config, build_towers, encode, mai
 from train.synthetic import generate
 
 
-@pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("s2")
+def _stage1(root, heads: bool):
     data = generate(root / "data", n_users=60, n_items=50, seed=0)
     cfg = TrainConfig.model_validate({
         "seed": 0, "data": {"path": str(data)},
         "encoders": {"image": {"name": "openclip_image", "model": "ptmrec-tiny", "init_seed": 0},
                      "text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
                      "cache_dir": str(root / "cache")},
-        "backbone": {"name": "lightgcn_mm"}, "heads": {}, "cold_start": {"holdout_fraction": 0.2},
+        "backbone": {"name": "lightgcn_mm"}, "heads": {} if heads else None,
+        "cold_start": {"holdout_fraction": 0.2},
         "optim": {"batch_size": 256, "epochs": 2}, "eval": {"ks": [10, 20]}})
     run_stage1(cfg, root / "run", torch.device("cpu"))
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    return _stage1(tmp_path_factory.mktemp("s2"), heads=True)
 
 
 @pytest.mark.parametrize("method", [{"name": "prompt", "n_ctx": 2, "depth": 2}, {"name": "lora"},
@@ -73,6 +77,16 @@ def test_start_state_reproduces_stage1_and_is_kept(stage1_run, tmp_path):
     assert metrics["best_epoch"] == -1 and metrics["epochs_run"] == 2
     assert metrics["test"] == pytest.approx(stage1["test"], abs=1e-6)
     assert (tmp_path / "best.pt").exists()
+
+
+def test_start_state_without_heads_is_not_kept(tmp_path):
+    """A stage-1 run without content heads has no cold-start encoder: its state is validated but
+    does not compete, so the exported stage-2 run always has trained heads."""
+    run = _stage1(tmp_path, heads=False)
+    s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 1, "epochs": 1, "learning_rate": 0.0})
+    metrics = run_stage2(run, s2, tmp_path / "s2", torch.device("cpu"))
+    assert metrics["start_valid"] is not None and metrics["best_epoch"] == 0
 
 
 def test_cli_and_missing_encoders(stage1_run, tmp_path, capsys):
