@@ -38,10 +38,11 @@ CPU = torch.device("cpu")
 
 
 def stage2_config(method: dict, modalities: list[str]) -> Stage2Config:
-    """One short epoch with a large enough step that the tuned towers move visibly."""
+    """One short epoch with a large enough step that the tuned towers move visibly (the loaded
+    stage-1 state is not kept as a candidate, so best.pt is the tuned epoch)."""
     return Stage2Config.model_validate({
         "method": method, "modalities": modalities, "kt_batch_size": 16,
-        "kt_steps_per_epoch": 2, "epochs": 1, "learning_rate": 1e-2})
+        "kt_steps_per_epoch": 2, "epochs": 1, "learning_rate": 1e-2, "keep_start": False})
 
 
 @pytest.fixture(scope="module")
