@@ -50,7 +50,7 @@ def evaluate_model(model: Backbone, evaluator: Evaluator) -> dict[str, float]:
         return evaluator.run(embedding_score_fn(users, items))
 
 
-def _kt_targets(model: Backbone, heads: ContentHeads | None):
+def kt_targets(model: Backbone, heads: ContentHeads | None):
     """Detached (users, items) snapshot that defines p_id for the content heads this epoch."""
     if heads is None:
         return None
@@ -59,12 +59,20 @@ def _kt_targets(model: Backbone, heads: ContentHeads | None):
 
 
 def _batch_loss(model: Backbone, heads: ContentHeads | None, targets, features, batch: Batch):
-    """Backbone loss plus, when content heads are trained, their knowledge-transfer loss."""
+    """Backbone loss plus, when content heads are trained, theirs (KT, optionally ranking)."""
     loss = model.loss(batch)
     if heads is not None:
-        feats = {m: f.index_select(0, batch.pos) for m, f in features.items()}
-        loss = loss + heads.kt_loss(targets[0][batch.users], targets[1][batch.pos], feats)
+        loss = loss + heads_batch_loss(heads, targets, features, batch)
     return loss
+
+
+def heads_batch_loss(heads: ContentHeads, targets, features, batch: Batch) -> torch.Tensor:
+    """The heads' loss on a batch against detached (users, items) targets."""
+    def rows(index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {m: features[m].index_select(0, index) for m in heads.heads}
+
+    neg = rows(batch.neg) if heads.cfg.rank_weight else None
+    return heads.loss(targets[0][batch.users], targets[1][batch.pos], rows(batch.pos), neg)
 
 
 def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> None:
@@ -119,10 +127,10 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
         t0 = time.perf_counter()
         modules.train()
         model.on_epoch_start(generator)
-        targets = _kt_targets(model, heads)
+        targets = kt_targets(model, heads)
         total, n_batches = 0.0, 0
         for batch in epoch_batches(train_pairs, sampler, optim_cfg.batch_size, generator):
-            loss = _batch_loss(model, heads, targets, features, _to(batch, device))
+            loss = _batch_loss(model, heads, targets, features, batch_to(batch, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -151,7 +159,7 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
     return state
 
 
-def _to(batch, device: torch.device):
+def batch_to(batch, device: torch.device):
     """Move a batch to the training device."""
     if device.type == "cpu":
         return batch

@@ -1,7 +1,8 @@
 """Stage 1: train a recommendation backbone (and content heads) and write the run directory.
 
 RUN_DIR holds the resolved `config.yaml`, `checkpoint.pt` (resumable), `best.pt` (weights at the
-best validation epoch), `metrics.json` and `plots/curves.png`.
+best validation epoch; with `heads.calibrate`, its heads are the calibrated ones), `metrics.json`
+and `plots/curves.png`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from train import checkpoint
 from train.backbones import BackboneInputs, build_backbone
+from train.calibrate import calibrate_heads
 from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, hold_out_items,
                              random_baseline)
 from train.config import TrainConfig, dump_config
@@ -102,11 +104,16 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
                 max_epochs_this_call, heads, inputs.features)
     metrics = metrics_summary(state)
-    if heads is not None and split is not None:
+    if heads is not None:
         modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
         modules.load_state_dict(checkpoint.load(run_dir / BEST))
-        metrics["cold_start"] = cold_start_metrics(model, heads, inputs.features, dataset, split,
-                                                   cfg.cold_start.ks, cfg.seed)
+        if cfg.heads.calibrate:
+            metrics["heads_calibration"] = calibrate_heads(
+                heads, model, inputs.features, dataset, cfg.optim.batch_size, cfg.seed)
+            checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
+        if split is not None:
+            metrics["cold_start"] = cold_start_metrics(model, heads, inputs.features, dataset,
+                                                       split, cfg.cold_start.ks, cfg.seed)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_curves(state.history, run_dir / "plots" / "curves.png", cfg.eval.valid_metric)
     return metrics

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.conftest import random_rows, write_inter
-from train.coldstart import content_knn_baseline, hold_out_items, random_baseline
+from train import checkpoint
+from train.coldstart import content_knn_baseline, evaluate_cold, hold_out_items, random_baseline
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
@@ -75,3 +76,55 @@ def test_baselines_sane(content_dir):
     feats = {m: torch.from_numpy(f) for m, f in ds.features.items()}
     knn = content_knn_baseline(feats, warm, split, [10])
     assert knn["recall@10"] > 1.5 * rnd["recall@10"]
+
+
+def test_rank_loss_trains_the_fused_vector_only():
+    heads = ContentHeads(HeadsConfig(kt_weight=0.0, rank_weight=1.0), {"image": 6, "text": 5}, 4)
+    users = torch.randn(8, 4, requires_grad=True)
+    pos = {"image": torch.randn(8, 6), "text": torch.randn(8, 5)}
+    neg = {"image": torch.randn(8, 6), "text": torch.randn(8, 5)}
+    loss = heads.loss(users, torch.randn(8, 4), pos, neg)
+    loss.backward()
+    assert users.grad is None
+    assert all(h.weight.grad.abs().sum() > 0 for h in heads.heads.values())  # biases cancel
+    expected = torch.nn.functional.softplus(
+        (users * heads(neg)).sum(1) - (users * heads(pos)).sum(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"rank_weight": 1.0, "target": "ego"},
+                                 {"kt_weight": 0.0, "rank_weight": 0.0}])
+def test_heads_config_refuses_inconsistent_weights(bad):
+    with pytest.raises(ValueError, match="rank_weight"):
+        HeadsConfig(**bad)
+
+
+def test_calibration_keeps_its_best_epoch_in_best_pt(content_dir, tmp_path):
+    """Calibrated heads: retrained from a fresh start and early-stopped on the withheld items,
+    saved in best.pt, and well above random on the real held-out cold items."""
+    cfg = TrainConfig.model_validate({
+        "seed": 0, "data": {"path": str(content_dir)}, "backbone": {"name": "bpr"},
+        "heads": {"rank_weight": 1.0, "calibrate": {"epochs": 15, "valid_fraction": 0.2,
+                                                    "learning_rate": 0.01,
+                                                    "valid_metric": "recall@5"}},
+        "cold_start": {"holdout_fraction": 0.2},
+        "optim": {"batch_size": 256, "epochs": 3, "learning_rate": 0.01},
+        "eval": {"ks": [10, 20], "patience": 40}})
+    metrics = run_stage1(cfg, tmp_path, torch.device("cpu"))
+    report = metrics["heads_calibration"]
+    assert report["best"] == max(report["history"]) and report["best_epoch"] > 0
+    assert report["best"] > report["history"][0]
+    cold = metrics["cold_start"]
+    assert cold["heads"]["recall@10"] > 2 * cold["random"]["recall@10"]
+    # best.pt carries the calibrated heads: reloading reproduces the reported cold-start figure
+    ds = load_dataset(content_dir)
+    warm, split = hold_out_items(ds, 0.2, seed=0)
+    state = checkpoint.load(tmp_path / "best.pt")
+    heads = ContentHeads(cfg.heads, {m: f.shape[1] for m, f in ds.features.items()}, 64)
+    heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
+                           if k.startswith("heads.")})
+    users = state["backbone.user.weight"]
+    feats = {m: torch.from_numpy(f)[torch.from_numpy(split.items)] for m, f in ds.features.items()}
+    with torch.no_grad():
+        again = evaluate_cold(users, heads(feats), split, [10, 20])
+    assert again["recall@10"] == pytest.approx(cold["heads"]["recall@10"], abs=1e-9)
