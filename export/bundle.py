@@ -33,7 +33,7 @@ from index.bundle import (ITEM_IDS, ITEMS_INDEX, POPULARITY, SEEN_INDPTR, SEEN_I
 from index.manifest import Counts, EncoderSpec, Manifest
 from train import checkpoint
 from train.backbones import Backbone, build_backbone
-from train.coldstart import hold_out_items
+from train.coldstart import run_splits
 from train.config import TrainConfig, load_config
 from train.data import Dataset, load_dataset
 from train.encoders import build_encoder
@@ -93,9 +93,7 @@ def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
     full = load_dataset(cfg.data.path)
     if cfg.encoders:
         full.features = item_features(cfg.encoders, full, device)
-    train = full
-    if cfg.cold_start:
-        train, _ = hold_out_items(full, cfg.cold_start.holdout_fraction, cfg.seed)
+    train, _, _ = run_splits(full, cfg.cold_start, cfg.heads, cfg.seed)
     inputs = backbone_inputs(train, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
     heads = _build_heads(cfg, s2, inputs.features, model, device)

@@ -3,23 +3,21 @@
 During stage 1 the heads chase a moving target and are saved with whatever epoch the backbone's
 validation picked: barely trained when the backbone peaks early, overfitted to the warm items when
 it peaks late (a linear head on 384-d text features overfits 1,500 movies within a few epochs).
-Calibration freezes the best backbone, re-initialises the heads (seeded), withholds a fraction of
-the warm items from them (the backbone has seen those items), trains the heads on their loss (L_KT
-and/or the ranking term) and keeps the epoch whose heads rank the withheld items best for their
-users: the cold-start protocol on items whose true users are known, so the choice never looks at
-the held-out cold items, and the withheld items were never seen by the heads being judged.
+Calibration freezes the best backbone, re-initialises the heads (seeded), trains them on their
+loss (L_KT and/or the ranking term) and keeps the epoch whose heads rank a second set of held-out
+items best for their users. Stage 1 withholds those items from training entirely, backbone
+included, exactly like the cold-start items: items the backbone had seen would be a biased judge
+(their users' vectors already encode them, and that measure keeps rising long after real cold
+items stop improving). The choice never looks at the cold-start test items.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
-
-import numpy as np
 import torch
 
 from train.backbones import Backbone
-from train.coldstart import evaluate_cold, hold_out_items
+from train.coldstart import ColdSplit, evaluate_cold
 from train.data import Dataset
 from train.fit import batch_to, heads_batch_loss, kt_targets
 from train.heads import ContentHeads
@@ -29,14 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def calibrate_heads(heads: ContentHeads, model: Backbone, features: dict[str, torch.Tensor],
-                    train: Dataset, batch_size: int, seed: int) -> dict:
-    """Train `heads` in place (the best epoch's state is loaded back); returns a report."""
+                    train: Dataset, withheld: ColdSplit, batch_size: int, seed: int) -> dict:
+    """Train `heads` in place on `train` (the best epoch's state is loaded back) and choose the
+    epoch on `withheld`, items kept out of training entirely; returns a report."""
     cfg = heads.cfg.calibrate
     if cfg is None:
         raise ValueError("heads.calibrate is not configured")
-    empty = np.zeros((0, 2), dtype=np.int64)
-    kept, withheld = hold_out_items(replace(train, valid=empty, test=empty), cfg.valid_fraction,
-                                    seed)
     if len(withheld.ranking.test) == 0:
         raise ValueError("head calibration: the withheld items have no interactions; raise "
                          "heads.calibrate.valid_fraction")
@@ -53,8 +49,8 @@ def calibrate_heads(heads: ContentHeads, model: Backbone, features: dict[str, to
             cold = heads({m: features[m].index_select(0, items) for m in heads.heads}).cpu()
         return evaluate_cold(users, cold, withheld, [k])[cfg.valid_metric]
 
-    pairs = torch.from_numpy(kept.train)
-    sampler = NegativeSampler(kept.train, train.n_items)
+    pairs = torch.from_numpy(train.train)
+    sampler = NegativeSampler(train.train, train.n_items)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.learning_rate,
                                  weight_decay=cfg.weight_decay)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from train.data import Dataset
 from train.evaluate import evaluate_scores
+from train.heads import HeadsConfig
 
 
 class ColdStartConfig(BaseModel):
@@ -57,6 +58,19 @@ def hold_out_items(dataset: Dataset, fraction: float, seed: int) -> tuple[Datase
                       valid=np.zeros((0, 2), dtype=np.int64),
                       test=np.stack([cold_pairs[:, 0], new_id[cold_pairs[:, 1]]], 1))
     return replace(dataset, **warm), ColdSplit(items=cold, ranking=ranking)
+
+
+def run_splits(dataset: Dataset, cold_start: ColdStartConfig | None, heads: HeadsConfig | None,
+               seed: int) -> tuple[Dataset, ColdSplit | None, ColdSplit | None]:
+    """The items a run keeps out of training: the cold-start test items (seed), then the heads'
+    calibration items (seed + 1). Returns (training dataset, cold split, calibration split); stage 1,
+    stage 2 and the exporter all derive a run's split here, so they always agree."""
+    cold = calib = None
+    if cold_start:
+        dataset, cold = hold_out_items(dataset, cold_start.holdout_fraction, seed)
+    if heads and heads.calibrate:
+        dataset, calib = hold_out_items(dataset, heads.calibrate.valid_fraction, seed + 1)
+    return dataset, cold, calib
 
 
 def evaluate_cold(users: torch.Tensor, cold_vectors: torch.Tensor, split: ColdSplit,

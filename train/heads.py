@@ -10,7 +10,7 @@ L_KT only matches each user's distribution over the batch's positives, which lea
 offset of cold scores against warm ones free. `rank_weight` adds a content ranking term (BPR of
 user · fused cold vector, positive vs the batch's negative item) that trains the fused vector on the
 very task it serves; `calibrate` (train/calibrate.py) retrains the heads after stage 1 against the
-frozen best-epoch backbone from a fresh start, early-stopped on warm items withheld from them.
+frozen best-epoch backbone from a fresh start, early-stopped on a second set of held-out items.
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ from train.losses import bpr_loss, knowledge_transfer
 class CalibrateConfig(BaseModel):
     """Head-only training after stage 1, against the frozen best-epoch backbone.
 
-    The heads restart from a fresh (seeded) initialisation; a fraction of the warm items is
-    withheld from them (not from the backbone) and ranked by user · cold vector after every epoch,
-    exactly as the cold-start evaluation ranks held-out items; the heads of the best epoch are kept.
+    The heads restart from a fresh (seeded) initialisation; `valid_fraction` of the items is held
+    out of stage-1 training entirely (a second cold split, backbone included) and ranked by
+    user · cold vector after every epoch, exactly as the cold-start evaluation ranks its items;
+    the heads of the best epoch are kept.
     """
 
     model_config = ConfigDict(extra="forbid")

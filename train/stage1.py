@@ -17,8 +17,8 @@ import torch
 from train import checkpoint
 from train.backbones import BackboneInputs, build_backbone
 from train.calibrate import calibrate_heads
-from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, hold_out_items,
-                             random_baseline)
+from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, random_baseline,
+                             run_splits)
 from train.config import TrainConfig, dump_config
 from train.data import Dataset, load_dataset
 from train.features import item_features
@@ -90,10 +90,10 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     log.info(dataset.summary())
     if cfg.encoders:
         dataset.features = item_features(cfg.encoders, dataset, device)
-    split = None
-    if cfg.cold_start:
-        dataset, split = hold_out_items(dataset, cfg.cold_start.holdout_fraction, cfg.seed)
-        log.info("cold start: %d items held out of training", len(split.items))
+    dataset, split, calib = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
+    for name, held in (("cold start", split), ("head calibration", calib)):
+        if held is not None:
+            log.info("%s: %d items held out of training", name, len(held.items))
     inputs = backbone_inputs(dataset, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
     heads = None
@@ -109,7 +109,7 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
         modules.load_state_dict(checkpoint.load(run_dir / BEST))
         if cfg.heads.calibrate:
             metrics["heads_calibration"] = calibrate_heads(
-                heads, model, inputs.features, dataset, cfg.optim.batch_size, cfg.seed)
+                heads, model, inputs.features, dataset, calib, cfg.optim.batch_size, cfg.seed)
             checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
         if split is not None:
             metrics["cold_start"] = cold_start_metrics(model, heads, inputs.features, dataset,

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from train import checkpoint
 from train.backbones import build_backbone
-from train.coldstart import hold_out_items
+from train.coldstart import run_splits
 from train.config import apply_override, dump_config, load_config
 from train.data import load_dataset
 from train.encoders import build_encoder
@@ -224,9 +224,7 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data.path)
     dataset.features = item_features(cfg.encoders, dataset, device)
-    split = None
-    if cfg.cold_start:
-        dataset, split = hold_out_items(dataset, cfg.cold_start.holdout_fraction, cfg.seed)
+    dataset, split, _ = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
     inputs = backbone_inputs(dataset, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
     heads = ContentHeads(cfg.heads or HeadsConfig(modalities=s2.modalities),
