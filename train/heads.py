@@ -33,7 +33,7 @@ class CalibrateConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(100, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)

@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import random_rows, write_inter
 from train import checkpoint
-from train.coldstart import content_knn_baseline, evaluate_cold, hold_out_items, random_baseline
+from train.coldstart import (ColdStartConfig, content_knn_baseline, evaluate_cold, hold_out_items,
+                             random_baseline, run_splits)
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
@@ -128,3 +129,15 @@ def test_calibration_keeps_its_best_epoch_in_best_pt(content_dir, tmp_path):
     with torch.no_grad():
         again = evaluate_cold(users, heads(feats), split, [10, 20])
     assert again["recall@10"] == pytest.approx(cold["heads"]["recall@10"], abs=1e-9)
+
+
+def test_run_splits_hold_out_disjoint_cold_and_calibration_items(content_dir):
+    ds = load_dataset(content_dir)
+    heads = HeadsConfig(rank_weight=1.0, calibrate={"valid_fraction": 0.1})
+    warm, cold, calib = run_splits(ds, ColdStartConfig(holdout_fraction=0.2), heads, seed=3)
+    trained = set(np.concatenate([warm.train, warm.valid, warm.test])[:, 1].tolist())
+    assert not set(cold.items.tolist()) & set(calib.items.tolist())
+    assert not trained & (set(cold.items.tolist()) | set(calib.items.tolist()))
+    again = run_splits(ds, ColdStartConfig(holdout_fraction=0.2), heads, seed=3)
+    assert np.array_equal(again[2].items, calib.items)           # the exporter derives the same
+    assert run_splits(ds, None, HeadsConfig(), seed=3)[1:] == (None, None)
