@@ -104,10 +104,10 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
                 max_epochs_this_call, heads, inputs.features)
     metrics = metrics_summary(state)
-    if heads is not None:
+    if heads is not None and (calib is not None or split is not None):
         modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
         modules.load_state_dict(checkpoint.load(run_dir / BEST))
-        if cfg.heads.calibrate:
+        if calib is not None:
             metrics["heads_calibration"] = calibrate_heads(
                 heads, model, inputs.features, dataset, calib, cfg.optim.batch_size, cfg.seed)
             checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
