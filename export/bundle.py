@@ -28,8 +28,10 @@ from export import onnx_export, tuned
 from export.onnx_export import ExportError
 from export.tuned import Tuning
 from index import ann
-from index.bundle import (ITEM_IDS, ITEMS_INDEX, POPULARITY, SEEN_INDPTR, SEEN_ITEMS, USER_IDS,
-                          USERS, load_bundle, publish, write_bundle)
+from index.bundle import (ATTRIBUTES, ATTRIBUTES_HEAD, ITEM_IDS, ITEMS_INDEX, POPULARITY,
+                          SEEN_INDPTR, SEEN_ITEMS, USER_IDS, USERS, load_bundle, publish,
+                          write_bundle)
+from index.attributes import AttributeHead, AttributesSpec
 from index.manifest import Counts, EncoderSpec, Manifest
 from train import checkpoint
 from train.backbones import Backbone, build_backbone
@@ -38,7 +40,7 @@ from train.config import TrainConfig, load_config
 from train.data import Dataset, load_dataset
 from train.encoders import build_encoder
 from train.encoders.base import Tower
-from train.features import item_features
+from train.features import attribute_spec, item_features
 from train.fit import BEST
 from train.heads import ContentHeads, HeadsConfig
 from train.stage1 import backbone_inputs, seed_everything
@@ -228,10 +230,11 @@ def fused_parity(run: Run, sample: np.ndarray, vectors: dict[str, np.ndarray]) -
 
 def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str,
                     n_items: int = PARITY_ITEMS) -> tuple[EncoderSpec | None, dict[str, float]]:
-    """ONNX encoders, tokenizer.json and preprocess.json into workdir, all parity-checked."""
+    """ONNX encoders, tokenizer.json, preprocess.json and the attribute encoder into workdir, all
+    parity-checked."""
     if run.heads is None or run.cfg.encoders is None:
         return None, {}
-    configs = {m: getattr(run.cfg.encoders, m) for m in run.heads.heads}
+    configs = {m: getattr(run.cfg.encoders, m) for m in run.heads.heads if m != "attributes"}
     missing = [m for m, c in configs.items() if c is None]
     if missing:
         log.warning("no cold-start encoders: the %s head reads precomputed features", missing)
@@ -259,10 +262,38 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
             references["text"])
         metrics |= _prefixed("parity.text.", stats)
         schemes["text"] = onnx_export.scheme(stats, quantize)
+    attribute_files = {}
+    if "attributes" in run.heads.heads:
+        stats, vectors["attributes"] = export_attributes(run, sample, workdir)
+        metrics |= _prefixed("parity.attributes.", stats)
+        attribute_files = {"attributes_file": ATTRIBUTES, "attributes_head": ATTRIBUTES_HEAD}
     metrics |= fused_parity(run, sample, vectors)
     spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, schemes,
                                     run.tuning.manifest_fields(towers))
-    return spec, metrics
+    return spec.model_copy(update=attribute_files), metrics
+
+
+def export_attributes(run: Run, sample: np.ndarray, workdir: Path) -> tuple[dict, np.ndarray]:
+    """attributes.json (the fitted spec) and attributes_head.npy (the head as one matrix) into
+    workdir; the numpy path serving runs must reproduce the head on the run's own features."""
+    spec = attribute_spec(run.cfg.encoders.attributes, run.full)
+    head = run.heads.heads["attributes"]
+    with torch.no_grad():
+        matrix = torch.cat([head.weight.T, head.bias[None]]).float().cpu().numpy()  # (D + 1, d)
+    (workdir / ATTRIBUTES).write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+    np.save(workdir / ATTRIBUTES_HEAD, matrix, allow_pickle=False)
+    served = AttributeHead(AttributesSpec.model_validate_json(
+        (workdir / ATTRIBUTES).read_text(encoding="utf-8")), np.load(workdir / ATTRIBUTES_HEAD))
+    vectors = served([run.full.items.texts[i] for i in sample])
+    with torch.no_grad():
+        index = torch.from_numpy(sample).to(head.weight.device)
+        expected = head(run.features["attributes"].index_select(0, index).float()).cpu().numpy()
+    diff = float(np.abs(vectors - expected).max(initial=0.0))
+    if diff > onnx_export.FP32_TOL:
+        raise ExportError(f"attribute encoder parity failed: max abs difference {diff:.2e} > "
+                          f"{onnx_export.FP32_TOL} (the refitted attribute spec differs from "
+                          f"the one training used)")
+    return {"max_abs": diff, "slots": float(spec.dim)}, vectors
 
 
 def build_manifest(run: Run, arrays: BundleArrays, factory: str, spec: EncoderSpec | None,

@@ -43,8 +43,10 @@ IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
 TOKENIZER = "tokenizer.json"
 PREPROCESS = "preprocess.json"
+ATTRIBUTES = "attributes.json"
+ATTRIBUTES_HEAD = "attributes_head.npy"
 STANDARD_FILES = (USERS, USER_IDS, ITEMS_INDEX, ITEM_IDS, POPULARITY, SEEN_INDPTR, SEEN_ITEMS,
-                  IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, PREPROCESS)
+                  IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, PREPROCESS, ATTRIBUTES, ATTRIBUTES_HEAD)
 
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 _HASH_THREADS = 4

@@ -60,6 +60,10 @@ class EncoderSpec(_Strict):
     text_encoder: str | None = Field(None, description="ONNX file of the text tower, if any")
     tokenizer_file: str | None = Field(None, description="tokenizers JSON for the text tower")
     preprocess_file: str | None = Field(None, description="preprocess.json of the image tower")
+    attributes_file: str | None = Field(None, description="attributes.json (index.attributes."
+                                        "AttributesSpec): attribute fields parsed from the text")
+    attributes_head: str | None = Field(None, description="(slots + 1, d) float32 .npy: the "
+                                        "attribute head's weight^T with its bias as last row")
     text_inputs: list[str] = Field(default_factory=lambda: ["input_ids", "attention_mask"],
                                    description="ONNX input names of the text encoder, int64 (B, L)")
     fusion: Literal["mean"] = Field("mean", description="how per-modality vectors combine")
@@ -86,11 +90,14 @@ class EncoderSpec(_Strict):
         if (self.encoder_tuning == "none") != (not self.tuned_modalities):
             raise ValueError(f"encoder_tuning {self.encoder_tuning!r} with tuned_modalities "
                              f"{self.tuned_modalities}: both must be set, or neither")
+        if (self.attributes_file is None) != (self.attributes_head is None):
+            raise ValueError("attributes_file and attributes_head: both must be set, or neither")
         return self
 
     def referenced_files(self) -> list[str]:
         """Bundle files this spec points at."""
-        names = (self.image_encoder, self.text_encoder, self.tokenizer_file, self.preprocess_file)
+        names = (self.image_encoder, self.text_encoder, self.tokenizer_file, self.preprocess_file,
+                 self.attributes_file, self.attributes_head)
         return [name for name in names if name is not None]
 
 

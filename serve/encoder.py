@@ -3,8 +3,11 @@
 Contract with the exporter (index.manifest.EncoderSpec): the image tower takes "image", float32
 (B, 3, S, S) preprocessed as preprocess.json says, and returns "image_vec" (B, d); the text tower
 takes the int64 (B, L) inputs named in `text_inputs` and returns "text_vec" (B, d). Both outputs
-already live in the user space (content heads are baked in). Fusion "mean" averages the towers
-present; the result is L2-normalised when the manifest says vectors are normalised.
+already live in the user space (content heads are baked in). A bundle may also ship an attribute
+encoder (attributes.json + attributes_head.npy, index/attributes.py): fields parsed from the text
+with the vocabularies training fitted, then the linear attribute head, in numpy. Fusion "mean"
+averages the parts present; the result is L2-normalised when the manifest says vectors are
+normalised.
 
 Text is tokenised with the bundle's tokenizer.json (`tokenizers`) exactly as exported: its own
 truncation and padding settings are kept (the exporter bakes in the training tokenisation: BERT
@@ -25,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from index.attributes import AttributeHead, AttributesSpec
 from serve.errors import InvalidArgument
 from serve.preprocess import DEFAULT_MAX_PIXELS, ImageSpec, blank, preprocess
 
@@ -79,9 +83,12 @@ class ItemEncoder:
     def __init__(self, dim: int, normalize: bool, image_session: ort.InferenceSession | None,
                  image_spec: ImageSpec | None, text_session: ort.InferenceSession | None,
                  tokenizer: Tokenizer | None, text_inputs: list[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
-        if image_session is None and text_session is None:
-            raise ValueError("an item encoder needs an image or a text tower")
+                 max_pixels: int = DEFAULT_MAX_PIXELS, attributes: AttributeHead | None = None):
+        if image_session is None and text_session is None and attributes is None:
+            raise ValueError("an item encoder needs an image tower, a text tower or attributes")
+        if attributes is not None and attributes.out_dim != dim:
+            raise ValueError(f"the attribute head returns {attributes.out_dim}-d vectors, the "
+                             f"bundle's dimension is {dim}")
         if (image_session is None) != (image_spec is None):
             raise ValueError("the image tower needs its preprocessing spec")
         if (text_session is None) != (tokenizer is None):
@@ -89,6 +96,7 @@ class ItemEncoder:
         self.dim, self.normalize, self.max_pixels = dim, normalize, max_pixels
         self.image_session, self.image_spec = image_session, image_spec
         self.text_session, self.tokenizer, self.text_inputs = text_session, tokenizer, text_inputs
+        self.attributes = attributes
         self._text_dtypes = {} if text_session is None else {
             i.name: _ORT_INT.get(i.type, np.int64) for i in text_session.get_inputs()}
 
@@ -96,8 +104,10 @@ class ItemEncoder:
     def from_files(cls, dim: int, normalize: bool, image_onnx: Path | None = None,
                    image_spec: ImageSpec | None = None, text_onnx: Path | None = None,
                    tokenizer_json: Path | None = None, context_length: int = 77,
-                   text_inputs: list[str] | None = None, threads: int = 1) -> ItemEncoder:
-        """Open the ONNX files and tokenizer, checking the contract's IO names."""
+                   text_inputs: list[str] | None = None, threads: int = 1,
+                   attributes_json: Path | None = None,
+                   attributes_head: Path | None = None) -> ItemEncoder:
+        """Open the ONNX files, tokenizer and attribute encoder, checking the contract's IO names."""
         text_inputs = list(text_inputs or ["input_ids", "attention_mask"])
         image_session = text_session = tokenizer = None
         if image_onnx is not None:
@@ -109,7 +119,14 @@ class ItemEncoder:
             text_session = make_session(text_onnx, threads)
             _check_io(text_session, text_inputs, TEXT_OUTPUT, text_onnx)
             tokenizer = load_tokenizer(tokenizer_json, context_length, static_length(text_session))
-        return cls(dim, normalize, image_session, image_spec, text_session, tokenizer, text_inputs)
+        attributes = None
+        if (attributes_json is None) != (attributes_head is None):
+            raise ValueError("the attribute encoder needs both attributes.json and its head")
+        if attributes_json is not None:
+            spec = AttributesSpec.model_validate_json(attributes_json.read_text(encoding="utf-8"))
+            attributes = AttributeHead(spec, np.load(attributes_head, allow_pickle=False))
+        return cls(dim, normalize, image_session, image_spec, text_session, tokenizer, text_inputs,
+                   attributes=attributes)
 
     @property
     def has_image(self) -> bool:
@@ -121,11 +138,16 @@ class ItemEncoder:
         """Whether the bundle ships a text tower."""
         return self.text_session is not None
 
+    @property
+    def has_attributes(self) -> bool:
+        """Whether the bundle ships an attribute encoder (it reads the text)."""
+        return self.attributes is not None
+
     def encode(self, image: bytes, text: str) -> np.ndarray:
         """One item (encoded image bytes, text) -> (d,) float32; InvalidArgument on bad input."""
         if not self.has_image and not text:
             raise InvalidArgument("this bundle encodes items from text only; text is required")
-        if not self.has_text and not image:
+        if not self.has_text and not self.has_attributes and not image:
             raise InvalidArgument("this bundle encodes items from images only; image is required")
         pixels = preprocess(image, self.image_spec, self.max_pixels) if self.has_image else None
         return self.encode_arrays(pixels, text)
@@ -142,6 +164,11 @@ class ItemEncoder:
             parts.append(self._run(self.image_session, IMAGE_OUTPUT, feed))
         if self.has_text:
             parts.append(self._run(self.text_session, TEXT_OUTPUT, self._text_feed(text)))
+        if self.has_attributes:
+            vec = self.attributes([text])
+            if vec.shape != (1, self.dim) or not np.isfinite(vec).all():
+                raise RuntimeError(f"attribute vector has shape {vec.shape} or non-finite values")
+            parts.append(vec[0])
         vec = np.mean(parts, axis=0)  # (d,)
         if self.normalize:
             norm = float(np.linalg.norm(vec))

@@ -74,9 +74,10 @@ def load_image_spec(bundle: Bundle) -> ImageSpec:
 
 def load_encoder(bundle: Bundle, threads: int = 1,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> ItemEncoder | None:
-    """The bundle's cold-start encoder, or None when it ships no ONNX towers."""
+    """The bundle's cold-start encoder, or None when it ships no towers and no attributes."""
     m, enc = bundle.manifest, bundle.manifest.encoder
-    if enc is None or (enc.image_encoder is None and enc.text_encoder is None):
+    if enc is None or (enc.image_encoder is None and enc.text_encoder is None
+                       and enc.attributes_file is None):
         return None
     image = bundle.file(enc.image_encoder) if enc.image_encoder else None
     text = bundle.file(enc.text_encoder) if enc.text_encoder else None
@@ -84,7 +85,9 @@ def load_encoder(bundle: Bundle, threads: int = 1,
     encoder = ItemEncoder.from_files(
         m.dim, m.normalized, image_onnx=image, image_spec=load_image_spec(bundle) if image else None,
         text_onnx=text, tokenizer_json=tok, context_length=enc.context_length,
-        text_inputs=enc.text_inputs, threads=threads)
+        text_inputs=enc.text_inputs, threads=threads,
+        attributes_json=bundle.file(enc.attributes_file) if enc.attributes_file else None,
+        attributes_head=bundle.file(enc.attributes_head) if enc.attributes_head else None)
     encoder.max_pixels = max_pixels
     return encoder
 

@@ -1,4 +1,6 @@
-"""Frozen item features for stage 1: encode every item's image and text once, cached on disk."""
+"""Frozen item features for stage 1: encode every item's image and text once, cached on disk; parse
+structured attributes out of the text when `encoders.attributes` is configured (index/attributes.py;
+cheap, never cached)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +10,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from index.attributes import AttributesConfig, AttributesSpec
 from train.data import Dataset
 from train.encoders import EncoderConfig, build_encoder
 from train.encoders.cache import extract
@@ -16,11 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class EncodersConfig(BaseModel):
-    """Which frozen towers produce the item features (either may be absent)."""
+    """Which frozen towers produce the item features (any may be absent)."""
 
     model_config = ConfigDict(extra="forbid")
     image: EncoderConfig | None = None
     text: EncoderConfig | None = None
+    attributes: AttributesConfig | None = Field(
+        None, description="attribute fields parsed from the item text: the 'attributes' modality "
+        "of the content heads (backbones read image and text only)")
     cache_dir: Path = Path(".cache/features")
     batch_size: int = Field(64, ge=1)
 
@@ -47,4 +53,16 @@ def item_features(cfg: EncodersConfig, dataset: Dataset, device: torch.device) -
         log.info("%s features %s from %s (%d items missing %s)", modality,
                  result.features.shape, tower.describe(), result.n_missing, modality)
         out[modality] = result.features
+    if cfg.attributes is not None:
+        spec = attribute_spec(cfg.attributes, dataset)
+        out["attributes"] = spec.encode(dataset.items.texts)
+        log.info("attribute features %s; share of items with each field: %s",
+                 out["attributes"].shape, {k: round(v, 3) for k, v in
+                                           spec.coverage(dataset.items.texts).items()})
     return out
+
+
+def attribute_spec(cfg: AttributesConfig, dataset: Dataset) -> AttributesSpec:
+    """The attribute vocabularies fitted on the catalogue's texts (deterministic: the exporter
+    refits the same spec from the same items.tsv)."""
+    return AttributesSpec.fit(cfg, dataset.items.texts)

@@ -45,7 +45,7 @@ class HeadsConfig(BaseModel):
     """Content heads trained with knowledge transfer from the ID-based ranking."""
 
     model_config = ConfigDict(extra="forbid")
-    modalities: list[Literal["image", "text"]] = ["image", "text"]
+    modalities: list[Literal["image", "text", "attributes"]] = ["image", "text"]
     kt_weight: float = 1.0
     target: Literal["final", "ego"] = "final"   # which backbone embeddings define p_id
     rank_weight: float = Field(0.0, ge=0.0, description="weight of the content ranking loss (BPR "

@@ -1,0 +1,180 @@
+"""Structured item attributes parsed from the item text: categories, tag lists and numbers.
+
+Item texts often carry structure a sentence encoder blurs: "Toy Story (1995). Genres: Animation
+Children's Comedy. ..." holds a release year and a genre list; a shop's "Brand: X. Category: Y."
+holds brand and category. An attribute field is a regular expression whose first capture group,
+found in the item text, gives the value:
+
+- `category`: the value is one label (one-hot over the labels seen in the catalogue);
+- `tags`: the value is split into labels (multi-hot);
+- `number`: the value is a number, bucketed by `bins` (one-hot over len(bins) + 1 buckets).
+
+Labels seen in fewer than `min_count` catalogue items share an "other" slot; a text where the
+pattern does not match leaves the field's slots at zero. The resolved spec (fields plus the
+fitted vocabularies) is what a bundle ships, so serving encodes a new item's text with exactly the
+vocabulary training used, without torch. Torch-free: the trainer and the server both import it.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class AttributeField(BaseModel):
+    """One attribute: where it sits in the text and how it becomes slots of the feature vector."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    pattern: str = Field(description="regular expression; its first capture group is the value")
+    kind: Literal["category", "tags", "number"]
+    separator: str | None = Field(None, description="tags: split on this (None = whitespace)")
+    bins: list[float] = Field(default_factory=list, description="number: sorted bucket edges; a "
+                              "value v falls in bucket #{edges <= v}")
+    min_count: int = Field(1, ge=1, description="category/tags: rarer labels share one slot")
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, pattern: str) -> str:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+        if compiled.groups < 1:
+            raise ValueError(f"pattern {pattern!r} needs a capture group holding the value")
+        return pattern
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> AttributeField:
+        if self.kind == "number":
+            if not self.bins:
+                raise ValueError(f"attribute {self.name!r}: a number needs bins (bucket edges)")
+            if any(b >= c for b, c in zip(self.bins, self.bins[1:])):
+                raise ValueError(f"attribute {self.name!r}: bins must be strictly increasing")
+        elif self.bins:
+            raise ValueError(f"attribute {self.name!r}: bins apply to kind number only")
+        if self.separator is not None and self.kind != "tags":
+            raise ValueError(f"attribute {self.name!r}: separator applies to kind tags only")
+        return self
+
+    def labels(self, text: str) -> list[str] | None:
+        """The labels of a category/tags field in `text` (None when the pattern does not match)."""
+        match = re.search(self.pattern, text)
+        if match is None or match.group(1) is None:
+            return None
+        value = match.group(1).strip()
+        if self.kind == "tags":
+            return [t.strip() for t in value.split(self.separator) if t.strip()]
+        return [value] if value else []
+
+    def number(self, text: str) -> float | None:
+        """The value of a number field in `text` (None when absent or not a number)."""
+        match = re.search(self.pattern, text)
+        if match is None or match.group(1) is None:
+            return None
+        try:
+            value = float(match.group(1).strip().replace(",", ""))
+        except ValueError:
+            return None
+        return value if np.isfinite(value) else None
+
+
+class AttributesConfig(BaseModel):
+    """The `encoders.attributes` entry of a run config."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["attributes"] = "attributes"
+    fields: list[AttributeField] = Field(min_length=1)
+
+    @field_validator("fields")
+    @classmethod
+    def _unique_names(cls, fields: list[AttributeField]) -> list[AttributeField]:
+        names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"attribute names must be unique, got {names}")
+        return fields
+
+
+class ResolvedField(AttributeField):
+    """A field with its fitted vocabulary (category/tags); the slot layout is vocab + ["other"]."""
+
+    vocab: list[str] = Field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Number of slots of this field."""
+        return len(self.bins) + 1 if self.kind == "number" else len(self.vocab) + 1
+
+
+class AttributesSpec(BaseModel):
+    """Fields with fitted vocabularies: the attribute encoder a bundle ships (attributes.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+    fields: list[ResolvedField] = Field(min_length=1)
+
+    @classmethod
+    def fit(cls, cfg: AttributesConfig, texts: list[str]) -> AttributesSpec:
+        """Vocabularies from the catalogue's texts: labels in >= min_count items, sorted."""
+        fields = []
+        for f in cfg.fields:
+            vocab: list[str] = []
+            if f.kind != "number":
+                counts = Counter(label for t in texts for label in set(f.labels(t) or []))
+                vocab = sorted(label for label, n in counts.items() if n >= f.min_count)
+            fields.append(ResolvedField(**f.model_dump(), vocab=vocab))
+        return cls(fields=fields)
+
+    @property
+    def dim(self) -> int:
+        """Length of the feature vector."""
+        return sum(f.size for f in self.fields)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) float32 one-/multi-hot attribute vectors of N texts."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        start = 0
+        for f in self.fields:
+            if f.kind == "number":
+                for row, text in enumerate(texts):
+                    value = f.number(text or "")
+                    if value is not None:
+                        out[row, start + bisect.bisect_right(f.bins, value)] = 1.0
+            else:
+                slot = {label: i for i, label in enumerate(f.vocab)}
+                other = len(f.vocab)
+                for row, text in enumerate(texts):
+                    for label in f.labels(text or "") or []:
+                        out[row, start + slot.get(label, other)] = 1.0
+            start += f.size
+        return out
+
+    def coverage(self, texts: list[str]) -> dict[str, float]:
+        """Share of texts in which each field's pattern yields a value."""
+        n = max(len(texts), 1)
+        return {f.name: sum((f.number(t or "") if f.kind == "number" else f.labels(t or ""))
+                            is not None for t in texts) / n for f in self.fields}
+
+
+class AttributeHead:
+    """The exported attribute encoder: spec + linear head, (dim + 1, d) matrix (weight^T; bias)."""
+
+    def __init__(self, spec: AttributesSpec, matrix: np.ndarray):
+        if matrix.ndim != 2 or matrix.shape[0] != spec.dim + 1:
+            raise ValueError(f"attribute head matrix has shape {matrix.shape}; expected "
+                             f"({spec.dim + 1}, d) for {spec.dim} attribute slots")
+        if not np.isfinite(matrix).all():
+            raise ValueError("attribute head matrix has non-finite values")
+        self.spec, self.matrix = spec, matrix.astype(np.float32, copy=False)
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension of the vectors it returns (the user space)."""
+        return int(self.matrix.shape[1])
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(N, d) vectors in the user space for N texts."""
+        return self.spec.encode(texts) @ self.matrix[:-1] + self.matrix[-1]
