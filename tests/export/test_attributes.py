@@ -19,7 +19,9 @@ from serve.model import load_encoder
 from train.coldstart import hold_out_items
 from train.config import TrainConfig
 from train.data import load_dataset
+from train.features import EncodersConfig
 from train.stage1 import run_stage1
+from train.stage2 import Stage2Config, run_stage2
 from train.synthetic import generate
 
 FIELDS = [{"name": "material", "pattern": r"Made of (\w+)", "kind": "category"},
@@ -140,3 +142,21 @@ def test_tampered_attribute_spec_is_refused(data_dir, tmp_path):
     path.write_text(path.read_text().replace("\"category\"", "\"tags\"", 1))
     with pytest.raises(BundleError, match="attributes.json"):
         load_bundle(bundle_dir)
+
+
+def test_stage2_run_with_an_attribute_head_exports(data_dir, tmp_path):
+    """Prompts tune the text tower; the attribute head rides along on its frozen features."""
+    cfg = config(data_dir, tmp_path / "cache", ["text", "attributes"]).model_copy(update={
+        "encoders": EncodersConfig.model_validate({
+            "text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
+            "attributes": {"fields": FIELDS}, "cache_dir": str(tmp_path / "cache")})})
+    run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
+    s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
+                                      "modalities": ["text"], "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 2, "epochs": 1, "keep_start": False})
+    run_stage2(tmp_path / "run", s2, tmp_path / "s2", torch.device("cpu"))
+    bundle = load_bundle(export_run(tmp_path / "s2", tmp_path / "bundles"))
+    m = bundle.manifest
+    assert m.encoder.encoder_tuning == "prompt" and m.encoder.attributes_file == ATTRIBUTES
+    assert m.metrics["parity.fused.max_abs"] <= 1e-4
+    assert load_encoder(bundle).encode(b"", "Made of oak. Ships in 3 days.").shape == (16,)
