@@ -76,9 +76,15 @@ class ContentHeads(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-normal weights, zero biases (draws from the global torch RNG)."""
-        for head in self.heads.values():
-            nn.init.xavier_normal_(head.weight)
+        """Xavier-normal weights, zero biases (draws from the global torch RNG). The attribute
+        head starts at zero: its inputs are sparse slots, and a label that no training item
+        carries (its vocabulary comes from the whole catalogue) must add nothing rather than a
+        random offset to the items that do carry it."""
+        for name, head in self.heads.items():
+            if name == "attributes":
+                nn.init.zeros_(head.weight)
+            else:
+                nn.init.xavier_normal_(head.weight)
             nn.init.zeros_(head.bias)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

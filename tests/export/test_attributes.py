@@ -1,6 +1,7 @@
 """Attribute features parsed from item text: layout, refusals, training, export and serving parity."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import faiss
@@ -16,6 +17,7 @@ from index.attributes import AttributeHead, AttributesConfig, AttributesSpec
 from index.bundle import ATTRIBUTES, ATTRIBUTES_HEAD, ITEMS_INDEX, BundleError, load_bundle
 from serve.errors import InvalidArgument
 from serve.model import load_encoder
+from train import checkpoint
 from train.coldstart import hold_out_items
 from train.config import TrainConfig
 from train.data import load_dataset
@@ -160,3 +162,27 @@ def test_stage2_run_with_an_attribute_head_exports(data_dir, tmp_path):
     assert m.encoder.encoder_tuning == "prompt" and m.encoder.attributes_file == ATTRIBUTES
     assert m.metrics["parity.fused.max_abs"] <= 1e-4
     assert load_encoder(bundle).encode(b"", "Made of oak. Ships in 3 days.").shape == (16,)
+
+
+def test_attribute_slots_no_training_item_carries_stay_at_zero(data_dir, tmp_path):
+    """A label seen only on held-out items keeps a zero weight row: it adds nothing to them."""
+    items = load_dataset(data_dir).items
+    cold = hold_out_items(load_dataset(data_dir), 0.1, seed=0)[1].items
+    # give one held-out item a material no other item has
+    lines = (data_dir / "items.tsv").read_text().splitlines()
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    row = 1 + int(cold[0])
+    itemid, text, image = lines[row].split("\t")
+    assert text == items.texts[cold[0]]
+    lines[row] = "\t".join([itemid, "Made of unobtainium. " + text.replace("Made of", "Built"),
+                            image])
+    (data / "items.tsv").write_text("\n".join(lines) + "\n")
+    cfg = config(data, tmp_path / "cache", ["attributes"])
+    cfg.heads.calibrate = None  # heads saved with the backbone's best epoch: trained, not reset
+    run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
+    spec = AttributesSpec.fit(AttributesConfig(fields=FIELDS), load_dataset(data).items.texts)
+    slot = spec.fields[0].vocab.index("unobtainium")
+    weight = checkpoint.load(tmp_path / "run" / "best.pt")["heads.heads.attributes.weight"]
+    assert torch.count_nonzero(weight[:, slot]) == 0
+    assert torch.count_nonzero(weight) > 0
