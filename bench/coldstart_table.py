@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.peft_table import fmt  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.stage1 import run_stage1  # noqa: E402
 from train.synthetic import generate  # noqa: E402
@@ -45,12 +46,6 @@ def run_one(dataset: str, seed: int, args) -> dict:
         overrides += [f"data.path={data}", f"encoders.cache_dir={args.out / 'syn2k_cache'}",
                       "eval.patience=20"]
     return run_stage1(load_config(config, overrides), out, torch.device("cpu"))
-
-
-def fmt(values: list[float]) -> str:
-    """mean ± sample std (0 for one seed)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
 def main() -> None:

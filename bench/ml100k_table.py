@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.peft_table import fmt  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.stage1 import run_stage1  # noqa: E402
 
@@ -39,12 +40,6 @@ def run_one(name: str, seed: int, args) -> dict:
     metrics["wall_seconds"] = time.perf_counter() - start
     done.write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def fmt(values: list[float]) -> str:
-    """mean ± std (sample std; 0 for one seed)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
 def main() -> None:

@@ -153,8 +153,7 @@ def cold_vectors(run: Run, items: np.ndarray) -> np.ndarray | None:
         return None
     with torch.no_grad():
         index = torch.from_numpy(items).to(next(run.heads.parameters()).device)
-        feats = {m: run.features[m].index_select(0, index) for m in run.heads.heads}
-        return run.heads(feats).float().cpu().numpy()  # (C, d)
+        return run.heads(run.heads.select(run.features, index)).float().cpu().numpy()  # (C, d)
 
 
 def assemble(run: Run) -> BundleArrays:
@@ -269,8 +268,8 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
         attribute_files = {"attributes_file": ATTRIBUTES, "attributes_head": ATTRIBUTES_HEAD}
     metrics |= fused_parity(run, sample, vectors)
     spec = onnx_export.encoder_spec(towers.get("image"), towers.get("text"), kind, names, schemes,
-                                    run.tuning.manifest_fields(towers))
-    return spec.model_copy(update=attribute_files), metrics
+                                    run.tuning.manifest_fields(towers) | attribute_files)
+    return spec, metrics
 
 
 def export_attributes(run: Run, sample: np.ndarray, workdir: Path) -> tuple[dict, np.ndarray]:

@@ -378,9 +378,10 @@ def scheme(metrics: dict[str, float], quantize: str | None) -> str:
 
 def encoder_spec(image_tower: Tower | None, text_tower: Tower | None, kind: str,
                  names: list[str], quantization: dict[str, str],
-                 tuning: dict | None = None) -> EncoderSpec:
-    """The manifest's encoder contract (placeholders for the fields of an absent tower); `tuning`
-    holds the stage-2 fields (encoder_tuning, tuned_modalities, n_ctx, prompt_depth) if any."""
+                 extra: dict | None = None) -> EncoderSpec:
+    """The manifest's encoder contract (placeholders for the fields of an absent tower); `extra`
+    holds further fields: the stage-2 ones (encoder_tuning, tuned_modalities, n_ctx, prompt_depth)
+    and the attribute encoder's files (attributes_file, attributes_head), if any."""
     image = image_tower.preprocess_spec() if image_tower is not None else {
         "size": (224, 224), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     has_text = text_tower is not None
@@ -397,4 +398,4 @@ def encoder_spec(image_tower: Tower | None, text_tower: Tower | None, kind: str,
         text_inputs=names if has_text else [],
         text_padding="longest" if kind == "bert" else "fixed",
         image_quantization=quantization.get("image", "none"),
-        text_quantization=quantization.get("text", "none"), **(tuning or {}))
+        text_quantization=quantization.get("text", "none"), **(extra or {}))

@@ -19,10 +19,10 @@ from __future__ import annotations
 import bisect
 import re
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class AttributeField(BaseModel):
@@ -61,23 +61,27 @@ class AttributeField(BaseModel):
             raise ValueError(f"attribute {self.name!r}: separator applies to kind tags only")
         return self
 
+    def _value(self, text: str) -> str | None:
+        """The stripped first group of the pattern's first match in `text`, or None."""
+        match = re.search(self.pattern, text)
+        return None if match is None or match.group(1) is None else match.group(1).strip()
+
     def labels(self, text: str) -> list[str] | None:
         """The labels of a category/tags field in `text` (None when the pattern does not match)."""
-        match = re.search(self.pattern, text)
-        if match is None or match.group(1) is None:
+        value = self._value(text)
+        if value is None:
             return None
-        value = match.group(1).strip()
         if self.kind == "tags":
             return [t.strip() for t in value.split(self.separator) if t.strip()]
         return [value] if value else []
 
     def number(self, text: str) -> float | None:
         """The value of a number field in `text` (None when absent or not a number)."""
-        match = re.search(self.pattern, text)
-        if match is None or match.group(1) is None:
+        value = self._value(text)
+        if value is None:
             return None
         try:
-            value = float(match.group(1).strip().replace(",", ""))
+            value = float(value.replace(",", ""))
         except ValueError:
             return None
         return value if np.isfinite(value) else None
@@ -103,6 +107,11 @@ class ResolvedField(AttributeField):
     """A field with its fitted vocabulary (category/tags); the slot layout is vocab + ["other"]."""
 
     vocab: list[str] = Field(default_factory=list)
+    _slots: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any) -> None:
+        """Label -> slot, built once (serving encodes one text per request)."""
+        self._slots = {label: i for i, label in enumerate(self.vocab)}
 
     @property
     def size(self) -> int:
@@ -144,19 +153,21 @@ class AttributesSpec(BaseModel):
                     if value is not None:
                         out[row, start + bisect.bisect_right(f.bins, value)] = 1.0
             else:
-                slot = {label: i for i, label in enumerate(f.vocab)}
                 other = len(f.vocab)
                 for row, text in enumerate(texts):
                     for label in f.labels(text or "") or []:
-                        out[row, start + slot.get(label, other)] = 1.0
+                        out[row, start + f._slots.get(label, other)] = 1.0
             start += f.size
         return out
 
-    def coverage(self, texts: list[str]) -> dict[str, float]:
-        """Share of texts in which each field's pattern yields a value."""
-        n = max(len(texts), 1)
-        return {f.name: sum((f.number(t or "") if f.kind == "number" else f.labels(t or ""))
-                            is not None for t in texts) / n for f in self.fields}
+    def coverage(self, encoded: np.ndarray) -> dict[str, float]:
+        """Share of the rows of `encode`'s output in which each field has a slot set."""
+        shares, start = {}, 0
+        for f in self.fields:
+            has = encoded[:, start:start + f.size].any(1)
+            shares[f.name] = float(has.mean()) if len(has) else 0.0
+            start += f.size
+        return shares
 
 
 class AttributeHead:

@@ -164,11 +164,8 @@ class ItemEncoder:
             parts.append(self._run(self.image_session, IMAGE_OUTPUT, feed))
         if self.has_text:
             parts.append(self._run(self.text_session, TEXT_OUTPUT, self._text_feed(text)))
-        if self.has_attributes:
-            vec = self.attributes([text])
-            if vec.shape != (1, self.dim) or not np.isfinite(vec).all():
-                raise RuntimeError(f"attribute vector has shape {vec.shape} or non-finite values")
-            parts.append(vec[0])
+        if self.has_attributes:  # (d,): finite by construction (0/1 slots, checked matrix)
+            parts.append(self.attributes([text])[0])
         vec = np.mean(parts, axis=0)  # (d,)
         if self.normalize:
             norm = float(np.linalg.norm(vec))

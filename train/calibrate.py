@@ -46,7 +46,7 @@ def calibrate_heads(heads: ContentHeads, model: Backbone, features: dict[str, to
     def measure() -> float:
         heads.eval()
         with torch.no_grad():
-            cold = heads({m: features[m].index_select(0, items) for m in heads.heads}).cpu()
+            cold = heads(heads.select(features, items)).cpu()
         return evaluate_cold(users, cold, withheld, [k])[cfg.valid_metric]
 
     pairs = torch.from_numpy(train.train)

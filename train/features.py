@@ -58,7 +58,7 @@ def item_features(cfg: EncodersConfig, dataset: Dataset, device: torch.device) -
         out["attributes"] = spec.encode(dataset.items.texts)
         log.info("attribute features %s; share of items with each field: %s",
                  out["attributes"].shape, {k: round(v, 3) for k, v in
-                                           spec.coverage(dataset.items.texts).items()})
+                                           spec.coverage(out["attributes"]).items()})
     return out
 
 

@@ -68,11 +68,9 @@ def _batch_loss(model: Backbone, heads: ContentHeads | None, targets, features, 
 
 def heads_batch_loss(heads: ContentHeads, targets, features, batch: Batch) -> torch.Tensor:
     """The heads' loss on a batch against detached (users, items) targets."""
-    def rows(index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {m: features[m].index_select(0, index) for m in heads.heads}
-
-    neg = rows(batch.neg) if heads.cfg.rank_weight else None
-    return heads.loss(targets[0][batch.users], targets[1][batch.pos], rows(batch.pos), neg)
+    neg = heads.select(features, batch.neg) if heads.cfg.rank_weight else None
+    return heads.loss(targets[0][batch.users], targets[1][batch.pos],
+                      heads.select(features, batch.pos), neg)
 
 
 def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> None:

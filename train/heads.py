@@ -87,6 +87,11 @@ class ContentHeads(nn.Module):
                 nn.init.xavier_normal_(head.weight)
             nn.init.zeros_(head.bias)
 
+    def select(self, features: dict[str, torch.Tensor], index: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+        """The rows `index` of the features of the heads' modalities."""
+        return {m: features[m].index_select(0, index) for m in self.heads}
+
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Fused cold-start vectors (N, d) from per-modality features (N, d_m)."""
         return torch.stack([self.heads[m](features[m]) for m in self.heads]).mean(0)

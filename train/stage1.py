@@ -71,9 +71,8 @@ def cold_start_metrics(model, heads: ContentHeads, features: dict[str, torch.Ten
     heads.eval()
     with torch.no_grad():
         users = model.user_embeddings()
-        cold_feats = {m: features[m][torch.from_numpy(split.items).to(users.device)]
-                      for m in heads.heads}
-        cold_vectors = heads(cold_feats)
+        items = torch.from_numpy(split.items).to(users.device)
+        cold_vectors = heads(heads.select(features, items))
         return {"heads": evaluate_cold(users.cpu(), cold_vectors.cpu(), split, ks),
                 "random": random_baseline(split, ks, seed),
                 "content_knn": content_knn_baseline({m: features[m].cpu() for m in heads.heads},

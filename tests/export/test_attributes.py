@@ -49,7 +49,7 @@ def test_layout_vocabulary_other_slot_and_missing_values():
                                         [0, 0, 1, 1, 1],   # 1999 at or above 1996
                                         [0, 0, 0, 0, 0],   # nothing matches: all zero
                                         [0, 0, 1, 0, 1]])  # edge value 1996 goes up; unseen tag
-    assert spec.coverage(texts) == {"year": 0.75, "genres": 0.75}
+    assert spec.coverage(spec.encode(texts)) == {"year": 0.75, "genres": 0.75}
     assert AttributesSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
