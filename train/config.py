@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from train.backbones import BackboneConfig
 from train.coldstart import ColdStartConfig
@@ -44,7 +44,7 @@ class EvalConfig(Strict):
     """Full-ranking evaluation and early stopping (MMRec: Recall@20, patience 20, strict)."""
 
     ks: list[int] = [10, 20, 50]
-    valid_metric: str = "recall@20"
+    valid_metric: str = Field("recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$")
     patience: int = Field(20, ge=0)
     batch_size: int = Field(4096, ge=1)
 
@@ -54,6 +54,13 @@ class EvalConfig(Strict):
         if not ks or min(ks) < 1:
             raise ValueError("ks must be a non-empty list of positive integers")
         return sorted(set(ks))
+
+    @model_validator(mode="after")
+    def _valid_metric_is_evaluated(self) -> "EvalConfig":
+        k = int(self.valid_metric.split("@")[1])
+        if k not in self.ks:
+            raise ValueError(f"valid_metric {self.valid_metric} needs {k} in ks {self.ks}")
+        return self
 
 
 class TrainConfig(Strict):

@@ -80,8 +80,12 @@ def cold_start_metrics(model, heads: ContentHeads, features: dict[str, torch.Ten
 
 
 def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False,
-               max_epochs_this_call: int | None = None) -> dict:
-    """Load data, build the backbone, fit it, and write config, metrics and curves."""
+               max_epochs_this_call: int | None = None,
+               features: dict[str, np.ndarray] | None = None) -> dict:
+    """Load data, build the backbone, fit it, and write config, metrics and curves.
+
+    `features` (n_items, d) per modality replace the configured encoders' output for those
+    modalities (bench/feature_probe.py: what other item features would do to the backbone)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
@@ -89,6 +93,11 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     log.info(dataset.summary())
     if cfg.encoders:
         dataset.features = item_features(cfg.encoders, dataset, device)
+    for m, f in (features or {}).items():
+        if m not in dataset.features or f.shape != dataset.features[m].shape:
+            raise ValueError(f"substitute {m} features {f.shape} do not match the configured "
+                             f"encoder's {getattr(dataset.features.get(m), 'shape', None)}")
+        dataset.features[m] = np.ascontiguousarray(f, dtype=np.float32)
     dataset, split, calib = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
     for name, held in (("cold start", split), ("head calibration", calib)):
         if held is not None:

@@ -86,3 +86,14 @@ def test_cli_errors(tmp_path, capsys):
     ok.write_text(f"data: {{path: {tmp_path / 'd'}}}\nbackbone: {{name: bpr}}\n")
     assert main(["--config", str(ok), "--out", str(tmp_path / "r")]) == 2
     assert "d.inter:2: itemID is not an integer" in capsys.readouterr().err
+
+
+def test_valid_metric_must_be_evaluated():
+    """Early stopping on recall@20 with ks [10] is a config error, not a KeyError mid-training."""
+    from train.config import EvalConfig
+
+    with pytest.raises(ValueError, match="needs 20 in ks"):
+        EvalConfig(ks=[10], valid_metric="recall@20")
+    with pytest.raises(ValueError):
+        EvalConfig(valid_metric="hits@20")
+    assert EvalConfig(ks=[5, 10], valid_metric="ndcg@5").valid_metric == "ndcg@5"

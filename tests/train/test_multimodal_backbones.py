@@ -122,3 +122,30 @@ def test_resume_matches_uninterrupted(tiny_dataset_dir, tmp_path, name):
     for key in ("valid", "test", "best_epoch", "epochs_run"):
         assert resumed[key] == full[key], key
     assert len(list((tmp_path / "graphs").glob("*.pt"))) == 2
+
+
+def test_substituted_features(tiny_dataset_dir, tmp_path):
+    """run_stage1(features=...): the same features reproduce the run exactly, others change it,
+    a wrong shape is refused (bench/feature_probe.py relies on all three)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_dir, data)
+    n_items = load_dataset(data).n_items
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((n_items, 32)).astype(np.float32)
+    text = rng.standard_normal((n_items, 16)).astype(np.float32)
+    np.save(data / "image_feat.npy", image)
+    np.save(data / "text_feat.npy", text)
+    cfg = TrainConfig.model_validate({
+        "seed": 3, "data": {"path": str(data)},
+        "backbone": {"name": "freedom", "graph_cache": str(tmp_path / "graphs")},
+        "optim": {"batch_size": 128, "epochs": 3, "learning_rate": 0.01},
+        "eval": {"ks": [10, 20]}})
+    cpu = torch.device("cpu")
+    base = run_stage1(cfg, tmp_path / "base", cpu)
+    same = run_stage1(cfg, tmp_path / "same", cpu, features={"text": text.copy()})
+    other = run_stage1(cfg, tmp_path / "other", cpu,
+                       features={"text": rng.standard_normal(text.shape).astype(np.float32)})
+    assert same["valid"] == base["valid"] and same["test"] == base["test"]
+    assert other["valid"] != base["valid"]
+    with pytest.raises(ValueError, match="substitute text features"):
+        run_stage1(cfg, tmp_path / "bad", cpu, features={"text": text[:, :8]})
