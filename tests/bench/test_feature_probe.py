@@ -2,30 +2,17 @@
 of the right shape and retrains; the control is the stage-1 run itself."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from tests.bench import load_bench
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench():
-    """bench/feature_probe.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("feature_probe",
-                                                  ROOT / "bench" / "feature_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_bench("feature_probe")
 
 
 def test_probe_variants(tmp_path, capsys):

@@ -2,24 +2,11 @@
 only the method's parameters train), and the Baby-epoch projection is arithmetic on that."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_bench
 
-
-def load_bench():
-    """bench/stage2_throughput.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("stage2_throughput",
-                                                  ROOT / "bench" / "stage2_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_bench("stage2_throughput")
 
 
 @pytest.mark.parametrize("modality,method", [("image", "prompt"), ("text", "lora"),

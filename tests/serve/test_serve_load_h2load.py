@@ -2,32 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.server import serve
+from tests.bench import load_bench
 from tests.serve.bundle_factory import BundleSpec, write_test_bundle
 
-ROOT = Path(__file__).resolve().parents[2]
 H2LOAD_OUTPUT = """finished in 4.00s, 1546.00 req/s, 177.75KB/s
 requests: 4638 total, 4638 started, 4638 done, 4630 succeeded, 8 failed, 0 errored, 0 timeout
 status codes: 4630 2xx, 0 3xx, 0 4xx, 8 5xx
 """
 
-
-def load_bench():
-    """bench/serve_load.py as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_bench("serve_load")
 
 
 def test_grpc_frame_and_bodies(tmp_path):
