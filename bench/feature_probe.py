@@ -16,7 +16,8 @@ features the run reproduces stage 1 exactly) with its text features substituted:
         --seeds 999 1000 1001 --variants random id kt --threads 1 --jobs 2
 
 Stage-1 runs are read from --stage1-root/<backbone>/<seed> (bench/ml100k_table.py's layout);
-probe runs go to --out/<backbone>/<variant>/<seed> and are reused when finished.
+probe runs go to --out/<backbone>/<variant>/<seed> (kt: kt-<method>-<steps>x<batch>-lr<lr>[-dropout])
+and are reused when finished.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", dest="bf16", action="store_false",
                    help="tune and re-encode in fp32 (default: bf16 autocast, as the ml100k "
                         "stage-2 configs on CPU)")
+    p.add_argument("--tower-dropout", action="store_true",
+                   help="tune with the tower's own dropout active (stage 2's tower_dropout)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     return p.parse_args(argv)
@@ -71,7 +74,8 @@ def kt_tuned_text(cfg, dataset, model, args, device):
     from train.stage2 import Stage2Config, build_towers, encode
 
     s2 = Stage2Config.model_validate({"method": METHOD_CONFIGS[args.method],
-                                      "modalities": ["text"], "encode_batch_size": 16})
+                                      "modalities": ["text"], "encode_batch_size": 16,
+                                      "tower_dropout": args.tower_dropout})
     tower = build_towers(cfg.encoders, s2)["text"].to(device)
     with torch.no_grad():
         users, items = model.embeddings()
@@ -101,7 +105,7 @@ def kt_tuned_text(cfg, dataset, model, args, device):
     for step in range(args.kt_steps):
         batch = pairs()
         uniq, inverse = torch.unique(batch[:, 1], return_inverse=True)
-        tower.train()
+        tower.train(args.tower_dropout)
         feats = encode(tower, [dataset.items.texts[j] for j in uniq.tolist()], 16, device,
                        grad=True, bf16=args.bf16)
         loss = kt(feats[inverse], batch)
@@ -161,6 +165,14 @@ def substitute(variant: str, stage1_run: Path, args) -> tuple[dict, dict]:
     return {"text": tuned}, info
 
 
+def run_name(variant: str, args) -> str:
+    """Directory name of a variant's runs: the kt settings are part of it."""
+    if variant != "kt":
+        return variant
+    return (f"kt-{args.method}-{args.kt_steps}x{args.kt_batch}-lr{args.kt_lr:g}"
+            f"{'-dropout' if args.tower_dropout else ''}{'' if args.bf16 else '-fp32'}")
+
+
 def _run(job: tuple) -> dict:
     """One probe run in its own process: substitute the features, retrain stage 1."""
     backbone, seed, variant, args = job
@@ -172,7 +184,7 @@ def _run(job: tuple) -> dict:
     from train.stage1 import run_stage1
 
     stage1_run = args.stage1_root / backbone / str(seed)
-    out = args.out / backbone / variant / str(seed)
+    out = args.out / backbone / run_name(variant, args) / str(seed)
     if variant == "control":
         metrics = json.loads((stage1_run / "metrics.json").read_text())
         return {"backbone": backbone, "seed": seed, "variant": variant,
@@ -189,7 +201,8 @@ def _run(job: tuple) -> dict:
            "valid": metrics["valid"], "best_epoch": metrics["best_epoch"], "info": info,
            "seconds": time.perf_counter() - start,
            "kt": {k: getattr(args, k) for k in ("method", "kt_steps", "kt_batch", "kt_lr",
-                                                 "head_steps")} if variant == "kt" else None}
+                                                 "head_steps", "tower_dropout", "bf16")}
+           if variant == "kt" else None}
     done.write_text(json.dumps(row, indent=2), encoding="utf-8")
     return row
 

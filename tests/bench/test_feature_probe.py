@@ -32,12 +32,15 @@ def test_probe_variants(tmp_path, capsys):
     control = f"{stage1['test']['recall@20']:.4f} ± 0.0000"
     assert f"| lightgcn_mm | control | {control} |" in table
     for variant in ("random", "id", "kt"):
-        row = json.loads((tmp_path / "probe" / "lightgcn_mm" / variant / "0" /
-                          "probe.json").read_text())
+        name = bench.run_name(variant, bench.parse_args(args))
+        row = json.loads((tmp_path / "probe" / "lightgcn_mm" / name / "0" / "probe.json")
+                         .read_text())
         assert row["variant"] == variant and 0 <= row["test"]["recall@20"] <= 1
         assert f"| lightgcn_mm | {variant} |" in table
-    kt = json.loads((tmp_path / "probe" / "lightgcn_mm" / "kt" / "0" / "probe.json").read_text())
+    kt = json.loads((tmp_path / "probe" / "lightgcn_mm" / "kt-lora-2x16-lr0.001-fp32" / "0" /
+                     "probe.json").read_text())
     assert -1 <= kt["info"]["mean_cosine_to_frozen"] <= 1 and kt["kt"]["kt_steps"] == 2
+    assert kt["kt"]["tower_dropout"] is False
     # finished runs are reused, not retrained
     assert bench.main(args) == 0
 

@@ -197,3 +197,34 @@ def test_stage1_adam_moments_are_restored(stage1_run, tmp_path, monkeypatch):
     run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
     assert any(n.startswith("backbone.") for n in checked)
     assert any(n.startswith("heads.") for n in checked)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_tower_dropout_switch(dropout):
+    """tower_dropout false: the tuned MiniLM runs without its dropout (two encodings of the same
+    items agree) and its LoRA parameters still get gradients; true: dropout is active."""
+    from train.encoders import MiniLMConfig
+    from train.features import EncodersConfig
+    from train.stage2 import head_vectors
+
+    s2 = Stage2Config.model_validate({"method": {"name": "lora", "r": 4}, "modalities": ["text"],
+                                      "tower_dropout": dropout, "encode_batch_size": 4})
+    tower = build_towers(EncodersConfig(text=MiniLMConfig(max_seq_length=16)), s2)["text"]
+    heads = ContentHeads(HeadsConfig(modalities=["text"]), {"text": tower.out_dim}, 8)
+    raw = {"text": ["a red round shoe", "blue cotton shirt, size M", "green lamp"]}
+    items = torch.tensor([0, 2, 1, 0])
+    torch.manual_seed(0)
+    first = head_vectors(heads, tower, "text", raw, items, s2, torch.device("cpu"))
+    second = head_vectors(heads, tower, "text", raw, items, s2, torch.device("cpu"))
+    assert torch.equal(first[0], first[3])  # each distinct item encoded once
+    assert torch.equal(first, second) != dropout
+    second.sum().backward()
+    lora = [p for n, p in tower.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+
+
+def test_lora_dropout_needs_tower_dropout():
+    with pytest.raises(ValueError, match="tower_dropout"):
+        Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1}})
+    assert Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1},
+                                        "tower_dropout": True}).tower_dropout
