@@ -10,7 +10,9 @@ texts grouped by length to save padding) and replace the backbone's feature tabl
 and test-at-best-valid are as in stage 1. The loaded stage-1 state is validated first and, with
 `keep_start` and a stage-1 run that trained content heads, competes as epoch -1 (best_epoch -1: no
 stage-2 epoch beat it on validation). Mixed precision (bf16 autocast) on CUDA, and on CPU with
-`cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate.
+`cpu_bf16`. The tuned parameters (towers, heads) may have their own learning rate. The frozen
+base of each tower runs in eval mode while its PEFT parameters train (no dropout: the tuning loss
+sees the features the backbone and the export get) unless `tower_dropout`.
 
 Ablations (the paper's Fig. 3):
 - `from_stage1: false`: joint prompts without stage 1 (backbone and heads start from scratch);
