@@ -71,11 +71,11 @@ def kt_tuned_text(cfg, dataset, model, args, device):
 
     from train.heads import ContentHeads, HeadsConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers, encode
+    from train.stage2 import Stage2Config, build_towers, encode, head_vectors
 
     s2 = Stage2Config.model_validate({"method": METHOD_CONFIGS[args.method],
                                       "modalities": ["text"], "encode_batch_size": 16,
-                                      "tower_dropout": args.tower_dropout})
+                                      "cpu_bf16": args.bf16, "tower_dropout": args.tower_dropout})
     tower = build_towers(cfg.encoders, s2)["text"].to(device)
     with torch.no_grad():
         users, items = model.embeddings()
@@ -85,34 +85,25 @@ def kt_tuned_text(cfg, dataset, model, args, device):
     train = torch.from_numpy(dataset.train)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    def kt(feats, batch):
-        u = users[batch[:, 0]]
-        return knowledge_transfer(u, items[batch[:, 1]], u, heads.heads["text"](feats))
+    def fit(params, lr: float, steps: int, item_vectors) -> list[float]:
+        """Adam on the KT loss of random training pairs; item_vectors(pos) -> head outputs."""
+        optimizer, losses = torch.optim.Adam(params, lr=lr), []
+        for _ in range(steps):
+            batch = train[torch.randint(len(train), (args.kt_batch,), generator=generator)]
+            u = users[batch[:, 0]]
+            loss = knowledge_transfer(u, items[batch[:, 1]], u, item_vectors(batch[:, 1]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
 
-    def pairs():
-        return train[torch.randint(len(train), (args.kt_batch,), generator=generator)]
-
-    optimizer = torch.optim.Adam(heads.parameters(), lr=1e-3)
-    for _ in range(args.head_steps):  # heads fit the frozen features first: no random-head noise
-        batch = pairs()
-        loss = kt(frozen[batch[:, 1]], batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    # the heads fit the frozen features first, so the tower's first steps see no random-head noise
+    fit(heads.parameters(), 1e-3, args.head_steps, lambda pos: heads.heads["text"](frozen[pos]))
     tuned = [p for p in tower.parameters() if p.requires_grad] + list(heads.parameters())
-    optimizer = torch.optim.Adam(tuned, lr=args.kt_lr)
-    log = []
-    for step in range(args.kt_steps):
-        batch = pairs()
-        uniq, inverse = torch.unique(batch[:, 1], return_inverse=True)
-        tower.train(args.tower_dropout)
-        feats = encode(tower, [dataset.items.texts[j] for j in uniq.tolist()], 16, device,
-                       grad=True, bf16=args.bf16)
-        loss = kt(feats[inverse], batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        log.append(loss.item())
+    raw = {"text": dataset.items.texts}
+    log = fit(tuned, args.kt_lr, args.kt_steps,  # stage 2's own step: dedup, encode, head
+              lambda pos: head_vectors(heads, tower, "text", raw, pos, s2, device))
     tower.eval()
     out = encode(tower, dataset.items.texts, 16, device, grad=False, bf16=args.bf16)
     cosine = torch.nn.functional.cosine_similarity(out, frozen).mean().item()
