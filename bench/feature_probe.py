@@ -117,42 +117,26 @@ def substitute(variant: str, stage1_run: Path, args) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
-    from train import checkpoint
-    from train.backbones import build_backbone
-    from train.config import load_config
-    from train.data import load_dataset
-    from train.features import item_features
-    from train.fit import BEST
-    from train.stage1 import backbone_inputs, seed_everything
+    from export.bundle import load_run
 
-    cfg = load_config(stage1_run / "config.yaml")
-    device = torch.device("cpu")
-    dataset = load_dataset(cfg.data.path)
-    if cfg.encoders:  # else the dataset's precomputed text_feat.npy
-        dataset.features = item_features(cfg.encoders, dataset, device)
-    if variant == "kt" and (cfg.encoders is None or cfg.encoders.text is None):
+    run = load_run(stage1_run)  # data, features, backbone at its best epoch, as training had them
+    if variant == "kt" and (run.cfg.encoders is None or run.cfg.encoders.text is None):
         raise ValueError(f"{stage1_run}: the kt variant tunes the text tower, but the run has "
                          "no text encoder configured")
-    text = dataset.features["text"]
+    text = run.full.features["text"]
     if variant == "random":
-        f = np.random.default_rng(cfg.seed).standard_normal(text.shape).astype(np.float32)
+        f = np.random.default_rng(run.cfg.seed).standard_normal(text.shape).astype(np.float32)
         return {"text": f / np.linalg.norm(f, axis=1, keepdims=True)}, {}
-    seed_everything(cfg.seed)
-    model = build_backbone(cfg.backbone, backbone_inputs(dataset, device))
-    state = checkpoint.load(stage1_run / BEST)
-    model.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
-                           if k.startswith("backbone.")})
-    model.eval()
     if variant == "id":
         with torch.no_grad():
-            items = model.embeddings()[1]
+            items = run.model.embeddings()[1]
         ids = torch.nn.functional.normalize(items, dim=1).numpy()
         # the text slot keeps its width: the embedding, zero-padded (or cut) to it
         f = np.zeros_like(text)
         d = min(ids.shape[1], text.shape[1])
         f[:, :d] = ids[:, :d]
         return {"text": f}, {"id_dims": int(d)}
-    tuned, info = kt_tuned_text(cfg, dataset, model, args, device)
+    tuned, info = kt_tuned_text(run.cfg, run.train, run.model, args, torch.device("cpu"))
     return {"text": tuned}, info
 
 
