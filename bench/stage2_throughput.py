@@ -86,13 +86,12 @@ def prepared_inputs(tower, modality: str, batch: int):
 
 def measure(tower_name: str, modality: str, enc: dict, method: str, args) -> dict:
     """Median step time and peak memory of one (tower, method) configuration, in this process."""
-    import resource
-
     import torch
 
+    from bench.peft_table import peak_memory_mib
+    from train.encoders.prompts import count_trainable
     from train.features import EncodersConfig
     from train.losses import knowledge_transfer
-    from train.encoders.prompts import count_trainable
     from train.stage2 import Stage2Config, build_towers
 
     if args.threads:
@@ -151,10 +150,7 @@ def measure(tower_name: str, modality: str, enc: dict, method: str, args) -> dic
         step()
         sync()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = peak_memory_mib()  # since the reset above on CUDA; the process's peak RSS on CPU
     step_s = statistics.median(times)
     return {"tower": tower_name, "modality": modality, "method": method,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
