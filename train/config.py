@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from train.backbones import BackboneConfig
 from train.coldstart import ColdStartConfig
+from train.evaluate import METRIC_PATTERN
 from train.features import EncodersConfig
 from train.heads import HeadsConfig
 
@@ -44,7 +45,7 @@ class EvalConfig(Strict):
     """Full-ranking evaluation and early stopping (MMRec: Recall@20, patience 20, strict)."""
 
     ks: list[int] = [10, 20, 50]
-    valid_metric: str = Field("recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$")
+    valid_metric: str = Field("recall@20", pattern=METRIC_PATTERN)
     patience: int = Field(20, ge=0)
     batch_size: int = Field(4096, ge=1)
 

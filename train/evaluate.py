@@ -15,6 +15,7 @@ import torch
 from train.data import Dataset, to_csr
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+METRIC_PATTERN = r"^(recall|ndcg)@[1-9][0-9]*$"  # the names of the figures Evaluator.run returns
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from train.evaluate import METRIC_PATTERN
 from train.losses import bpr_loss, knowledge_transfer
 
 
@@ -37,7 +38,7 @@ class CalibrateConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    valid_metric: str = Field("recall@20", pattern=r"^(recall|ndcg)@[1-9][0-9]*$")
+    valid_metric: str = Field("recall@20", pattern=METRIC_PATTERN)
     patience: int = Field(5, ge=0)
 
 
