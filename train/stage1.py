@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from train import checkpoint
-from train.backbones import BackboneInputs, build_backbone
+from train.backbones import Backbone, BackboneInputs, build_backbone
 from train.calibrate import calibrate_heads
 from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, random_baseline,
                              run_splits)
@@ -81,11 +82,14 @@ def cold_start_metrics(model, heads: ContentHeads, features: dict[str, torch.Ten
 
 def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False,
                max_epochs_this_call: int | None = None,
-               features: dict[str, np.ndarray] | None = None) -> dict:
+               features: dict[str, np.ndarray] | None = None,
+               wrap: Callable[[Backbone, BackboneInputs], Backbone] | None = None) -> dict:
     """Load data, build the backbone, fit it, and write config, metrics and curves.
 
     `features` (n_items, d) per modality replace the configured encoders' output for those
-    modalities (bench/feature_probe.py: what other item features would do to the backbone)."""
+    modalities (bench/feature_probe.py: what other item features would do to the backbone).
+    `wrap(backbone, inputs)` replaces the built backbone by what it returns, e.g. the backbone with
+    a distillation loss (train/distill.py); content heads are sized on the wrapped model."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed)
@@ -104,6 +108,8 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
             log.info("%s: %d items held out of training", name, len(held.items))
     inputs = backbone_inputs(dataset, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
+    if wrap is not None:
+        model = wrap(model, inputs).to(device)
     heads = None
     if cfg.heads:
         out_dim = model.user_embeddings().shape[1]
