@@ -1,0 +1,40 @@
+"""bench/distill_table.py on a tiny teacher run: every variant trains a student of the asked width,
+the untrained SVD variant keeps its epoch count at 1, and finished runs are reused."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.bench import load_bench
+from train.config import TrainConfig
+from train.stage1 import run_stage1
+from train.synthetic import generate
+
+bench = load_bench("distill_table")
+
+
+def test_table_over_all_variants(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=60, n_items=50, seed=0)
+    cfg = TrainConfig.model_validate({
+        "seed": 0, "data": {"path": str(data)},
+        "backbone": {"name": "lightgcn", "embedding_size": 16},
+        "optim": {"batch_size": 256, "epochs": 3}, "eval": {"ks": [10, 20]}})
+    teacher = run_stage1(cfg, tmp_path / "teachers" / "lightgcn" / "0", torch.device("cpu"))
+    args = ["--teachers", "lightgcn", "--seeds", "0", "--dims", "4", "--epochs", "2",
+            "--teacher-root", str(tmp_path / "teachers"), "--out", str(tmp_path / "out")]
+    assert bench.main(args) == 0
+    table = capsys.readouterr().out
+    assert f"| lightgcn | lightgcn 16-d | teacher | 64 | {teacher['test']['recall@20']:.4f}" in table
+    for variant in bench.VARIANTS:
+        metrics = json.loads((tmp_path / "out" / "lightgcn" / f"{variant}-lightgcn4" / "0" /
+                              "metrics.json").read_text())
+        assert metrics["distill"]["student_dim"] == 4
+        assert metrics["epochs_run"] == (1 if variant == "svd" else 2)
+        assert f"| lightgcn | lightgcn 4-d | {variant} | 16 |" in table
+        used = metrics["distill"]["config"]
+        assert ("svd_relative_error" in metrics["distill"]) == (used["init"] == "svd")
+        assert (used["pair_weight"] > 0) == variant.startswith("kd")
+    # finished runs are reused: the table is printed again without training
+    assert bench.main(args) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
