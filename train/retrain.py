@@ -6,6 +6,11 @@ into DIR/vN and points DIR/CURRENT at it; a server watching DIR then hot-swaps t
 published when training or export fails (exit 1), the config is invalid (exit 2) or another retrain
 holds DIR's lock (exit 3): the server keeps serving the previous bundle.
 
+With `--distill DISTILL.yaml` (train/distill.py) the trained run is the teacher: a light student is
+distilled from it into RUN/student and exported instead, provided it keeps at least `--min-kept`
+of the teacher's validation metric; otherwise the teacher is exported (logged), so a bad student
+never replaces a good model. An invalid distillation config is exit 2 before any training.
+
 Nightly at 03:00 (cron):
     0 3 * * * cd /srv/ptmrec && .venv/bin/python -m train.retrain --config configs/demo.yaml --bundles /srv/bundles >> /var/log/ptmrec-retrain.log 2>&1
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
 import sys
 import time
@@ -21,11 +27,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 from pydantic import ValidationError
 
 from export import export_run
 from train.__main__ import pick_device
-from train.config import load_config
+from train.config import TrainConfig, load_config
+from train.distill import DistillConfig, load_distill_config, run_distill
 from train.stage1 import run_stage1
 
 log = logging.getLogger("train.retrain")
@@ -44,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override one config key (repeatable)")
     p.add_argument("--factory", default="Flat", help="FAISS factory string of the item index")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 ONNX encoders")
+    p.add_argument("--distill", type=Path, default=None, metavar="DISTILL.yaml",
+                   help="distil the trained run into a light student and publish that")
+    p.add_argument("--min-kept", type=float, default=0.95,
+                   help="with --distill: the student's share of the teacher's validation metric "
+                        "below which the teacher is published instead")
     return p.parse_args(argv)
 
 
@@ -73,12 +86,36 @@ def exclusive(bundles: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def distilled_or_teacher(teacher: Path, dcfg: DistillConfig, cfg: TrainConfig,
+                         min_kept: float) -> Path:
+    """Distil `teacher` into teacher/student; the run to publish: the student when it keeps at
+    least `min_kept` of the teacher's validation metric, else the teacher."""
+    metric = (dcfg.eval or cfg.eval).valid_metric
+    teacher_valid = json.loads((teacher / "metrics.json").read_text())["valid"][metric]
+    student = teacher / "student"
+    metrics = run_distill(teacher, dcfg, student, pick_device(cfg.device))
+    kept = metrics["valid"][metric] / teacher_valid if teacher_valid > 0 else 0.0
+    log.info("student %s-d keeps %.1f%% of the teacher's valid %s (%.4f vs %.4f)",
+             metrics["distill"]["student_dim"], 100 * kept, metric, metrics["valid"][metric],
+             teacher_valid)
+    if kept < min_kept:
+        log.warning("student below --min-kept %.2f: publishing the teacher %s instead",
+                    min_kept, teacher)
+        return teacher
+    return student
+
+
 def retrain(args: argparse.Namespace) -> int:
     """Train, export and publish; returns the exit code."""
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValidationError, ValueError, OSError) as err:
         log.error("invalid config %s: %s", args.config, err)
+        return 2
+    try:
+        dcfg = load_distill_config(args.distill, []) if args.distill else None
+    except (ValidationError, ValueError, OSError, yaml.YAMLError) as err:
+        log.error("invalid distillation config %s: %s", args.distill, err)
         return 2
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -91,6 +128,12 @@ def retrain(args: argparse.Namespace) -> int:
         return 1
     log.info("trained %s in %.0f s (best valid epoch %d)", run_dir, time.perf_counter() - start,
              metrics["best_epoch"])
+    if dcfg is not None:
+        try:
+            run_dir = distilled_or_teacher(run_dir, dcfg, cfg, args.min_kept)
+        except Exception:  # noqa: BLE001 - a failed distillation publishes nothing
+            log.exception("distillation of %s failed; nothing published", run_dir)
+            return 1
     try:
         path = export_run(run_dir, args.bundles, factory=args.factory, quantize=args.quantize,
                           publish_bundle=True)

@@ -49,3 +49,24 @@ def test_failures_publish_nothing(config, tmp_path):
         assert main(_args(config, tmp_path)) == 3
     assert list_versions(tmp_path / "bundles") == [1]
     assert current_version(tmp_path / "bundles") == "v1"
+
+
+def test_distilled_student_is_published_unless_it_falls_short(config, tmp_path):
+    distill = tmp_path / "distill.yaml"
+    distill.write_text(yaml.safe_dump({"student": {"name": "bpr", "embedding_size": 4}}))
+    assert main(_args(config, tmp_path, "--distill", str(distill), "--min-kept", "0")) == 0
+    (run,) = sorted((tmp_path / "runs").iterdir())
+    bundle = load_bundle(tmp_path / "bundles" / "v1")
+    assert bundle.manifest.source_run == str((run / "student").resolve())
+    assert bundle.manifest.dim == 4
+    # a student that cannot keep 1000x the teacher's validation recall: the teacher is published
+    assert main(_args(config, tmp_path, "--distill", str(distill), "--min-kept", "1000")) == 0
+    run = sorted((tmp_path / "runs").iterdir())[-1]
+    bundle = load_bundle(tmp_path / "bundles" / "v2")
+    assert (run / "student" / "metrics.json").is_file()
+    assert bundle.manifest.source_run == str(run.resolve()) and bundle.manifest.dim == 8
+    # an invalid distillation config fails before any training
+    distill.write_text("student: {name: freedom}\n")
+    assert main(_args(config, tmp_path, "--distill", str(distill))) == 2
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert current_version(tmp_path / "bundles") == "v2"
