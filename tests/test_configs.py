@@ -13,7 +13,8 @@ from train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted((ROOT / "configs").rglob("*.yaml"))
 STAGE2 = [p for p in ALL if "stage2" in p.relative_to(ROOT / "configs").parts]
-CONFIGS = [p for p in ALL if p not in STAGE2]
+DISTILL = [p for p in ALL if "distill" in p.relative_to(ROOT / "configs").parts]
+CONFIGS = [p for p in ALL if p not in STAGE2 and p not in DISTILL]
 
 
 def _id(path: Path) -> str:
@@ -24,7 +25,7 @@ def test_configs_exist():
     names = {str(p.relative_to(ROOT / "configs")) for p in ALL}
     assert {"demo.yaml", "baby/bpr.yaml", "baby/lightgcn.yaml"} <= names
     assert {"ml100k/stage2/prompt.yaml", "ml100k/stage2/lora.yaml",
-            "ml100k/stage2/ia3.yaml"} <= names
+            "ml100k/stage2/ia3.yaml", "distill/lightgcn32.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)
@@ -47,6 +48,14 @@ def test_stage2_config_validates(path):
     encoder = count_trainable(tower)[1]
     trainable = count_trainable(apply_peft(tower, s2.method))[0]
     assert 0 < trainable < 0.02 * encoder
+
+
+@pytest.mark.parametrize("path", DISTILL, ids=_id)
+def test_distill_config_validates(path):
+    from train.distill import load_distill_config
+
+    dcfg = load_distill_config(path, [])
+    assert dcfg.student.embedding_size < 64, "a student is smaller than the 64-d teachers"
 
 
 def test_override_and_unknown_key():
