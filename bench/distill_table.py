@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "distill")
     p.add_argument("--epochs", type=int, default=None, help="cap on student epochs (default: "
                                                           "the teacher's, early-stopped)")
+    p.add_argument("--kd-set", dest="kd_overrides", action="append", default=[], metavar="a=b",
+                   help="override a DistillConfig key in the kd variants (repeatable); the "
+                        "overrides become part of their run directory names")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     return p.parse_args(argv)
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def distill_config(variant: str, dim: int, teacher_cfg, args):
     """The DistillConfig of one variant and student width."""
+    from train.config import apply_override
     from train.distill import DistillConfig
 
     student = {"name": args.student, "embedding_size": dim}
@@ -71,7 +75,17 @@ def distill_config(variant: str, dim: int, teacher_cfg, args):
         optim |= {"learning_rate": 0.0, "epochs": 1}
     elif args.epochs:
         optim["epochs"] = args.epochs
-    return DistillConfig.model_validate(VARIANTS[variant] | {"student": student, "optim": optim})
+    raw = VARIANTS[variant] | {"student": student, "optim": optim}
+    if variant.startswith("kd"):
+        for assignment in args.kd_overrides:
+            apply_override(raw, assignment)
+    return DistillConfig.model_validate(raw)
+
+
+def run_name(variant: str, dim: int, args) -> str:
+    """Directory name of a variant's runs: the student, its width and any kd overrides."""
+    extra = "".join(f"-{a}" for a in args.kd_overrides) if variant.startswith("kd") else ""
+    return f"{variant}-{args.student}{dim}{extra}"
 
 
 def _run(job: tuple) -> dict:
@@ -85,7 +99,7 @@ def _run(job: tuple) -> dict:
     from train.distill import run_distill
 
     teacher_run = args.teacher_root / teacher / str(seed)
-    out = args.out / teacher / f"{variant}-{args.student}{dim}" / str(seed)
+    out = args.out / teacher / run_name(variant, dim, args) / str(seed)
     done = out / "metrics.json"
     if done.is_file() and "distill" in (metrics := json.loads(done.read_text())):
         return row_of(teacher, seed, variant, dim, metrics)
@@ -127,8 +141,10 @@ def table(rows: list[dict], args) -> str:
                 rec = [r["test"]["recall@20"] for r in cell]
                 kept = statistics.mean(r["test"]["recall@20"] / teacher_r[r["seed"]]
                                        for r in cell)
+                label = v + (f" ({', '.join(args.kd_overrides)})"
+                             if v.startswith("kd") and args.kd_overrides else "")
                 out.append(
-                    f"| {t} | {args.student} {dim}-d | {v} | {4 * dim} | {fmt(rec)} | "
+                    f"| {t} | {args.student} {dim}-d | {label} | {4 * dim} | {fmt(rec)} | "
                     f"{fmt([r['test']['ndcg@20'] for r in cell])} | {kept:.1%} | "
                     f"{' / '.join(f'{x:.4f}' for x in rec)} | "
                     f"{', '.join(str(r['best_epoch']) for r in cell)} | "
