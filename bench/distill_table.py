@@ -14,7 +14,8 @@ the share of the teacher's Recall@20 kept and the bytes per item vector in the i
     .venv/bin/python bench/distill_table.py --teachers freedom --dims 16 32 \
         --seeds 999 1000 1001 --threads 1 --jobs 2
 
-Runs go to --out/<teacher>/<variant>-<student><dim>/<seed> and are reused when finished.
+Runs go to --out/<teacher>/<variant>-<student><dim>[-<kd overrides>]/<seed> and are reused when
+finished with the same distillation config (else trained again).
 """
 from __future__ import annotations
 
@@ -100,10 +101,13 @@ def _run(job: tuple) -> dict:
 
     teacher_run = args.teacher_root / teacher / str(seed)
     out = args.out / teacher / run_name(variant, dim, args) / str(seed)
-    done = out / "metrics.json"
-    if done.is_file() and "distill" in (metrics := json.loads(done.read_text())):
-        return row_of(teacher, seed, variant, dim, metrics)
     dcfg = distill_config(variant, dim, load_config(teacher_run / "config.yaml"), args)
+    done = out / "metrics.json"
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        if metrics.get("distill", {}).get("config") == dcfg.model_dump(mode="json"):
+            return row_of(teacher, seed, variant, dim, metrics)
+        logging.warning("%s: finished with another config; training it again", out)
     metrics = run_distill(teacher_run, dcfg, out, torch.device("cpu"))
     return row_of(teacher, seed, variant, dim, metrics)
 

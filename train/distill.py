@@ -14,6 +14,9 @@ Student loss per batch of (user, positive, negative) triples, scores scaled by 1
   uniformly from the training items; KL(softmax teacher || softmax student) over that list.
   PromptMM distils image-only and text-only teacher lists; a teacher here is one fused model, so
   its one list is distilled.
+The KD weights default to 0.1 (PromptMM scales its KD terms by 1e6 against its own loss scale):
+chosen on validation on ml100k (docs/STATUS.md "Distillation"); at 1 the student copies the
+teacher's errors along with its ranking.
 PromptMM's feature term (SCE between teacher modal item embeddings and the student's) is left out:
 the student is ID-only and its dimension differs from the teacher's.
 
@@ -69,8 +72,8 @@ class DistillConfig(Strict):
         default_factory=lambda: LightGCNConfig(embedding_size=32, n_layers=1))
     init: Literal["svd", "random"] = "svd"
     bpr_weight: float = Field(1.0, ge=0.0)
-    pair_weight: float = Field(1.0, ge=0.0)
-    list_weight: float = Field(1.0, ge=0.0)
+    pair_weight: float = Field(0.1, ge=0.0)
+    list_weight: float = Field(0.1, ge=0.0)
     list_negatives: int = Field(10, ge=1)
     temperature: float = Field(1.0, gt=0.0)
     optim: OptimConfig | None = None

@@ -46,7 +46,7 @@ def test_kd_overrides_reach_the_kd_variants_only():
     teacher = TrainConfig.model_validate({"data": {"path": "x"}, "backbone": {"name": "bpr"}})
     args = bench.parse_args(["--kd-set", "list_weight=0", "--kd-set", "temperature=4"])
     kd = bench.distill_config("kd", 32, teacher, args)
-    assert kd.list_weight == 0 and kd.temperature == 4 and kd.pair_weight == 1
+    assert kd.list_weight == 0 and kd.temperature == 4 and kd.pair_weight == 0.1
     assert bench.distill_config("svd_bpr", 32, teacher, args).temperature == 1
     assert bench.run_name("kd", 32, args) == "kd-lightgcn32-list_weight=0-temperature=4"
     assert bench.run_name("scratch", 32, args) == "scratch-lightgcn32"
