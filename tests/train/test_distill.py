@@ -133,3 +133,29 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     bad.write_text("student: {name: freedom}\n")
     assert main(["--teacher", str(tmp_path), "--config", str(bad), "--out", str(tmp_path)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_a_stage2_teacher_is_distilled_from_its_tuned_vectors(tmp_path, data_dir):
+    """The teacher's scores are the stage-2 model's (tuned features), not its stage-1 config's:
+    an untrained full-width BPR student reproduces the stage-2 run's test figures exactly."""
+    from train.stage2 import Stage2Config, run_stage2
+
+    stage1 = teacher_run(
+        tmp_path, data_dir, {"name": "lightgcn_mm", "modalities": ["text"], "embedding_size": 16},
+        encoders={"text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
+                  "cache_dir": str(tmp_path / "cache")}, heads={"modalities": ["text"]})
+    s2 = Stage2Config.model_validate({
+        "method": {"name": "prompt", "n_ctx": 2, "depth": 2}, "modalities": ["text"],
+        "kt_batch_size": 16, "kt_steps_per_epoch": 2, "epochs": 1, "learning_rate": 1e-2,
+        "keep_start": False})
+    stage2 = tmp_path / "stage2"
+    s2_metrics = run_stage2(stage1, s2, stage2, CPU)
+    s1_test = json.loads((stage1 / "metrics.json").read_text())["test"]
+    assert s2_metrics["test"] != s1_test, "stage 2 must rank differently for this test to bite"
+    dcfg = DistillConfig.model_validate({
+        "student": {"name": "bpr", "embedding_size": 16},
+        "optim": {"learning_rate": 0.0, "batch_size": 256, "epochs": 1}})
+    metrics = run_distill(stage2, dcfg, tmp_path / "student", CPU)
+    assert metrics["distill"]["teacher_test"] == s2_metrics["test"]
+    for k in ("recall@20", "ndcg@20"):
+        assert metrics["test"][k] == pytest.approx(s2_metrics["test"][k], abs=1e-9)
