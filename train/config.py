@@ -99,14 +99,19 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
-def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply overrides and validate it."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+def load_raw(path: Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML mapping (empty without a path) with `a.b=c` overrides applied, not yet validated."""
+    raw = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else None) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return TrainConfig.model_validate(raw)
+    return raw
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply overrides and validate it."""
+    return TrainConfig.model_validate(load_raw(path, overrides))
 
 
 def dump_config(cfg: TrainConfig, path: Path) -> None:

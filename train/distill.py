@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -54,7 +53,7 @@ from train.backbones import Backbone
 from train.backbones.base import BackboneInputs
 from train.backbones.bpr import BPRConfig
 from train.backbones.lightgcn import LightGCNConfig
-from train.config import EvalConfig, OptimConfig, Strict, TrainConfig, apply_override
+from train.config import EvalConfig, OptimConfig, Strict, TrainConfig, load_raw
 from train.data import DatasetError
 from train.fit import BEST
 from train.sampling import Batch
@@ -232,13 +231,7 @@ def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch
 
 def load_distill_config(path: Path | None, overrides: list[str]) -> DistillConfig:
     """Read the distillation YAML (optional) and apply `a.b=c` overrides."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path else {}
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return DistillConfig.model_validate(raw)
+    return DistillConfig.model_validate(load_raw(path, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

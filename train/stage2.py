@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from train import checkpoint
 from train.backbones import build_backbone
 from train.coldstart import run_splits
-from train.config import apply_override, dump_config, load_config
+from train.config import dump_config, load_config, load_raw
 from train.data import load_dataset
 from train.encoders import build_encoder
 from train.encoders.peft_methods import PeftMethodConfig, apply_peft
@@ -378,10 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    raw = yaml.safe_load(args.config.read_text()) if args.config else {}
-    for assignment in args.overrides:
-        apply_override(raw, assignment)
-    s2 = Stage2Config.model_validate(raw or {})
+    s2 = Stage2Config.model_validate(load_raw(args.config, args.overrides))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = run_stage2(args.run, s2, args.out, device)
     stage1 = json.loads((args.run / "metrics.json").read_text())
