@@ -10,8 +10,8 @@ import torch
 from export import export_run, load_run
 from index.bundle import load_bundle
 from train.config import TrainConfig
-from train.distill import (DistillConfig, list_kd, low_rank_factors, main, pair_kd, run_distill,
-                           student_config)
+from train.distill import (DistillConfig, list_kd, low_rank_factors, main, pair_kd,
+                           relative_error, run_distill, student_config)
 from train.fit import BEST
 from train.stage1 import run_stage1
 from train.synthetic import generate
@@ -31,6 +31,11 @@ def test_low_rank_factors_are_the_truncated_svd():
     fu, fi = low_rank_factors(users, items, 12)
     np.testing.assert_allclose((fu @ fi.T).numpy(), scores, atol=1e-4)
     assert not fu[:, 8:].any() and not fi[:, 8:].any()
+    # the Gram-matrix relative error equals the dense one
+    fu, fi = low_rank_factors(users, items, 3)
+    dense = torch.linalg.norm(users @ items.T - fu @ fi.T) / torch.linalg.norm(users @ items.T)
+    assert relative_error(users, items, fu, fi) == pytest.approx(dense.item(), rel=1e-4)
+    assert relative_error(users, items, users, items) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_kd_losses_vanish_only_when_the_student_agrees():
