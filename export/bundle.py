@@ -10,7 +10,8 @@ parity and moved into the bundle, which `index.bundle.write_bundle` writes atomi
 A stage-2 run (train.stage2; export.tuned) exports its own best-validation backbone and heads, cold
 vectors from the items re-encoded by its tuned towers, and ONNX towers with the tuning baked in
 (prompts in the graph, LoRA / (IA)^3 merged), parity-checked against the tuned torch towers; the
-manifest's `encoder.encoder_tuning` names the method.
+manifest's `encoder.encoder_tuning` names the method. A PerPEFT run (stage 2 with `groups` > 1)
+exports G-block vectors (train/perpeft.py) and records `user_groups` in the manifest.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from index.bundle import (ATTRIBUTES, ATTRIBUTES_HEAD, ITEM_IDS, ITEMS_INDEX, PO
                           write_bundle)
 from index.attributes import AttributeHead, AttributesSpec
 from index.manifest import Counts, EncoderSpec, Manifest
-from train import checkpoint
+from train import checkpoint, perpeft
 from train.backbones import Backbone, build_backbone
 from train.coldstart import run_splits
 from train.config import TrainConfig, load_config
@@ -66,6 +67,7 @@ class Run:
     towers: dict[str, Tower] = field(default_factory=dict)  # stage-2 tuned towers, as trained
     tuning: Tuning = field(default_factory=Tuning)
     config_hash: str = ""
+    groups: int = 1          # PerPEFT user groups: vectors are `groups` concatenated blocks
 
 
 @dataclass
@@ -101,16 +103,24 @@ def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
     heads = _build_heads(cfg, s2, inputs.features, model, device)
     modules = torch.nn.ModuleDict({"backbone": model} | ({"heads": heads} if heads else {}))
     towers = _attach_towers(modules, cfg, s2, device)
+    groups = s2.groups if s2 is not None else 1
+    features = inputs.features
+    if groups > 1:  # PerPEFT: the grouped modules as stage 2 saved them (assignment from best.pt)
+        placeholder = torch.zeros(inputs.n_users, dtype=torch.long, device=device)
+        model, heads, towers = perpeft.personalise(model, heads, towers, groups, placeholder)
+        modules = torch.nn.ModuleDict({"backbone": model, "heads": heads,
+                                       "towers": torch.nn.ModuleDict(towers)})
+        features = perpeft.tile_features(features, groups)
     modules.load_state_dict(checkpoint.load(run_dir / BEST))
     modules.eval()
-    features = inputs.features
     if towers:
         raw = {"image": train.items.images, "text": train.items.texts}
         features = features | tuned.tuned_features(towers, raw, s2.encode_batch_size, device)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return Run(run_dir, cfg, full, train, model, heads, features, metrics, towers,
-               tuned.tuning_of(s2, towers) if s2 else Tuning(), tuned.config_hash(cfg, s2))
+               tuned.tuning_of(s2, towers) if s2 else Tuning(), tuned.config_hash(cfg, s2),
+               groups)
 
 
 def _build_heads(cfg: TrainConfig, s2: Stage2Config | None, features: dict[str, torch.Tensor],
@@ -241,6 +251,9 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
     sample = parity_sample(run.full, n_items)
     towers = {m: run.towers[m] if m in run.towers else build_encoder(c)
               for m, c in configs.items()}
+    if run.groups > 1:  # an untuned tower feeds the same features to every group's head
+        towers = {m: t if m in run.towers else perpeft.GroupedTower.tiled(t, run.groups)
+                  for m, t in towers.items()}
     exported = {m: tuned.deployable(t, run.tuning) if m in run.towers else t
                 for m, t in towers.items()}
     references = {m: towers[m] if exported[m] is not towers[m] else None for m in towers}
@@ -304,6 +317,7 @@ def build_manifest(run: Run, arrays: BundleArrays, factory: str, spec: EncoderSp
     return Manifest(
         source_run=str(run.path.resolve()), config_hash=run.config_hash or run.cfg.config_hash(),
         backbone=run.cfg.backbone.name, dim=int(arrays.users.shape[1]), metric="ip",
+        user_groups=run.groups,
         normalized=False, faiss_factory=factory,
         counts=Counts(users=len(arrays.user_ids), items=len(arrays.item_ids),
                       cold_start=spec is not None),

@@ -156,7 +156,10 @@ def tower_kind(tower: object) -> str:
     """'bert' for sentence towers, 'clip' for open_clip text towers."""
     from train.encoders.minilm import MiniLMTower
     from train.encoders.openclip import OpenClipTextTower
+    from train.perpeft import GroupedTower
 
+    if isinstance(tower, GroupedTower):  # PerPEFT: every group tokenises as its first member
+        tower = tower.base
     if isinstance(tower, MiniLMTower):
         return "bert"
     if isinstance(tower, OpenClipTextTower):

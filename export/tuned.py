@@ -9,7 +9,9 @@ re-encoded with them, as stage 2 did before each validation.
 
 Export form of a tuned tower: deep prompts stay as the token hook and are traced into the ONNX
 graph; LoRA / (IA)^3 adapters are merged into the base weights of a copy (`merge_peft`), so the
-graph is a plain tower. Parity is always checked against the tuned tower as trained.
+graph is a plain tower. Parity is always checked against the tuned tower as trained. A PerPEFT run
+(`groups` > 1) exports one graph computing every group's block (train/perpeft.py); merged adapters
+then give each group its own copy of the weights.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from export.onnx_export import ExportError
 from train.config import TrainConfig, load_config
 from train.encoders.base import Tower
 from train.encoders.peft_methods import PEFT_METHODS, merge_peft
+from train.perpeft import GroupedTower
 from train.stage2 import STAGE1_CONFIG, Stage2Config, encode
 
 STAGE2_YAML = "stage2.yaml"
@@ -104,6 +107,8 @@ def deployable(tower: Tower, tuning: Tuning) -> Tower:
     method = PEFT_METHODS.get(tuning.method)
     if method is None or not method.merges:
         return tower
+    if isinstance(tower, GroupedTower):  # PerPEFT: each group merged into its own weights
+        return GroupedTower([deployable(member, tuning) for member in tower.members])
     merged = merge_peft(copy.deepcopy(tower)).eval()
     # as trainable as a freshly built tower: with every weight frozen, nn.MultiheadAttention takes
     # its fused fast path, which the legacy (TorchScript) exporter cannot export

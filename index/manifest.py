@@ -114,10 +114,19 @@ class Manifest(_Strict):
     metric: Literal["ip"] = "ip"
     normalized: bool
     faiss_factory: str = Field(min_length=1)
+    user_groups: int = Field(1, ge=1, description="PerPEFT user groups: item vectors are that "
+                             "many concatenated blocks of dim/user_groups, one per group, and a "
+                             "user's vector is zero outside its group's block (still plain ip)")
     counts: Counts
     encoder: EncoderSpec | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     files: dict[str, FileEntry] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _groups_divide_dim(self) -> Manifest:
+        if self.dim % self.user_groups:
+            raise ValueError(f"dim {self.dim} is not a multiple of user_groups {self.user_groups}")
+        return self
 
     @field_validator("files")
     @classmethod

@@ -22,6 +22,9 @@ Ablations (the paper's Fig. 3):
 - `kt_weight: 0` scales the tuning loss to zero: the towers and heads then get no gradient (the
   backbone continues training on re-encoded, untuned features).
 
+PerPEFT (`groups` > 1, train/perpeft.py): users are clustered on the stage-1 user embeddings and
+each group tunes its own copy of the PEFT parameters and heads on batches of its own users.
+
 `python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR`
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from train import checkpoint
+from train import checkpoint, perpeft
 from train.backbones import build_backbone
 from train.coldstart import run_splits
 from train.config import dump_config, load_config, load_raw
@@ -101,6 +104,19 @@ class Stage2Config(BaseModel):
                              "so stage 2 never returns a model worse on validation than it started "
                              "from; only when stage 1 trained content heads (else the kept state "
                              "would have no cold-start encoder). False: only stage-2 epochs compete")
+
+    groups: int = Field(1, ge=1, description="PerPEFT: user groups (k-means on the stage-1 user "
+                        "embeddings), each with its own PEFT parameters and content heads and "
+                        "its own item vectors (exported as G concatenated blocks); 1 = PTMRec")
+    group_negatives: bool = Field(True, description="PerPEFT: a group's negatives come from the "
+                                  "items its own users trained on (else from every training item)")
+
+    @model_validator(mode="after")
+    def _groups_need_stage1(self) -> "Stage2Config":
+        if self.groups > 1 and not self.from_stage1:
+            raise ValueError("groups > 1 needs from_stage1: true (users are grouped by their "
+                             "stage-1 embeddings)")
+        return self
 
     @model_validator(mode="after")
     def _lora_dropout_needs_train_mode(self) -> "Stage2Config":
@@ -207,24 +223,43 @@ def bpr_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) 
 TUNING_LOSSES = {"kt": kt_step_loss, "bpr": bpr_step_loss}
 
 
-def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
-    """One epoch: backbone loss on every batch, the tuning loss (KT or BPR) on the first
-    `step_cap` batches."""
+def group_targets(model, groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Detached (users, items) snapshot per group (one entry when ungrouped): the KT targets."""
     with torch.no_grad():
-        targets = model.embeddings()
+        if groups == 1:
+            return [model.embeddings()]
+        targets = []
+        for g in range(groups):
+            perpeft.activate(model, g)
+            targets.append(model.embeddings())
+        perpeft.activate(model, None)
+        return targets
+
+
+def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
+    """One epoch of (group, batch) pairs (group None when ungrouped): backbone loss on every
+    batch, the tuning loss (KT or BPR) on the first `step_cap` batches; a group's batch runs its
+    own members of the grouped modules, so only they get gradients."""
+    targets = group_targets(model, s2.groups)
+    tree = [model, heads, *towers.values()]
     total, n = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    for n, batch in enumerate(batches, start=1):
+    for n, (group, batch) in enumerate(batches, start=1):
+        if group is not None:
+            for module in tree:
+                perpeft.activate(module, group)
         loss = model.loss(batch)
         if s2.kt_weight > 0 and n <= step_cap:
-            loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets, batch, s2,
-                                                        device)
+            loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets[group or 0],
+                                                        batch, s2, device)
         (loss / s2.grad_accumulation).backward()
         if n % s2.grad_accumulation == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         total += loss.item()
     optimizer.step()
+    for module in tree:
+        perpeft.activate(module, None)
     return total / max(1, n)
 
 
@@ -253,8 +288,17 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     towers = build_towers(cfg.encoders, s2)
     for t in towers.values():
         t.to(device)
+    frozen = inputs.features
+    if s2.groups > 1:
+        with torch.no_grad():
+            assignment = perpeft.cluster_users(model.user_embeddings(), s2.groups, cfg.seed)
+        log.info("PerPEFT: %d user groups of %s users", s2.groups,
+                 perpeft.group_sizes(assignment, s2.groups))
+        model, heads, towers = perpeft.personalise(model, heads, towers, s2.groups, assignment)
+        modules = torch.nn.ModuleDict({"backbone": model.to(device), "heads": heads})
+        frozen = perpeft.tile_features(frozen, s2.groups)
     modules["towers"] = torch.nn.ModuleDict(towers)
-    raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": inputs.features}
+    raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": frozen}
     return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
                        stage1_run)
 
@@ -279,14 +323,16 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         log.warning("%s: no stage-1 optimizer state; stage 2 starts Adam from zeros", path)
         return 0
     saved = checkpoint.load(path)["optimizer"]["state"]
-    # stage 1 optimised ModuleDict({"backbone", ["heads"]}).parameters(), in this order
-    stage1 = {"backbone": modules["backbone"]}
+    # stage 1 optimised ModuleDict({"backbone", ["heads"]}).parameters(), in this order; a
+    # grouped (PerPEFT) backbone holds the stage-1 backbone as `inner` (grouped heads: none match)
+    backbone = modules["backbone"]
+    stage1 = {"backbone": getattr(backbone, "inner", backbone)}
     if stage1_had_heads:
         stage1["heads"] = modules["heads"]
-    names = [name for name, _ in torch.nn.ModuleDict(stage1).named_parameters()]
-    moments = {names[i]: state for i, state in saved.items() if i < len(names)}
+    named = list(torch.nn.ModuleDict(stage1).named_parameters())
+    moments = {named[i][0]: state for i, state in saved.items() if i < len(named)}
     restored = 0
-    for name, param in modules.named_parameters():
+    for name, param in named:
         state = moments.get(name)
         if state is None or not param.requires_grad or state["exp_avg"].shape != param.shape:
             continue
@@ -308,6 +354,8 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)
     test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
     train_pairs = torch.from_numpy(dataset.train)
+    samplers = (perpeft.group_samplers(dataset.train, model.groups.cpu().numpy(), dataset.n_items,
+                                       s2.groups, s2.group_negatives) if s2.groups > 1 else None)
     feats = (refresh_features(model, towers, raw, s2, device) if s2.refresh_at_start
              else dict(raw["frozen"]))
 
@@ -337,7 +385,9 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
         t0 = time.perf_counter()
         modules.train()
         model.on_epoch_start(generator)
-        batches = epoch_batches(train_pairs, sampler, cfg.optim.batch_size, generator)
+        batches = (perpeft.group_batches(samplers, cfg.optim.batch_size, generator) if samplers
+                   else ((None, b) for b in epoch_batches(train_pairs, sampler,
+                                                          cfg.optim.batch_size, generator)))
         loss = train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap)
         train_seconds = time.perf_counter() - t0
         if (epoch + 1) % s2.refresh_every == 0 or epoch + 1 == s2.epochs:
@@ -362,7 +412,10 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
                         "train_seconds": [h["train_seconds"] for h in history],
                         "valid_curve": [h["valid"][cfg.eval.valid_metric] for h in history],
                         "tuning_loss": s2.tuning_loss, "from_stage1": s2.from_stage1,
-                        "method": s2.method.name, "trainable_encoder_params": trainable,
+                        "method": s2.method.name, "groups": s2.groups,
+                        "group_sizes": (perpeft.group_sizes(model.groups, s2.groups)
+                                        if s2.groups > 1 else None),
+                        "trainable_encoder_params": trainable,
                         "encoder_params": encoder, "trainable_share": trainable / max(1, encoder)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
