@@ -8,7 +8,10 @@ Variants, all with the checked-in prompt config (configs/ml100k/stage2/prompt.ya
   every --joint-refresh epochs. On a CPU these caps stay far below stage 1's 100-300 epochs;
 - no_kt: two stages without KT (`tuning_loss: bpr`: prompts and heads train on BPR of
   u · head(tower(i)) instead of the KL knowledge transfer);
-- full: two stages with KT (PTMRec).
+- full: two stages with KT (PTMRec);
+- perpeft: full with one prompt set and head set per user group (PerPEFT, train/perpeft.py), from
+  configs/ml100k/stage2/perpeft.yaml (4 groups; --groups overrides; the CLI caps apply too, and
+  --kt-steps is per group there: the run gets groups x kt-steps tuning steps per epoch).
 Prints test and validation Recall@20 (mean ± std over seeds, test at the best validation epoch)
 as a markdown table, and writes a bar chart (--png, default <out>/ablation.png).
 
@@ -31,9 +34,10 @@ if str(ROOT) not in sys.path:
 from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_run,  # noqa: E402
                               stage2_settings)
 
-VARIANTS = ["frozen", "joint", "no_kt", "full"]
+VARIANTS = ["frozen", "joint", "no_kt", "full", "perpeft"]
 LABELS = {"frozen": "frozen encoders (stage 1)", "joint": "joint prompts, no stage 1",
-          "no_kt": "two stages, no KT", "full": "two stages + KT (full)"}
+          "no_kt": "two stages, no KT", "full": "two stages + KT (full)",
+          "perpeft": "full, one prompt set per user group (PerPEFT)"}
 
 
 def variant_runs(variant: str, backbone: str, args) -> list[dict]:
@@ -43,6 +47,13 @@ def variant_runs(variant: str, backbone: str, args) -> list[dict]:
         stage1 = stage1_run(backbone, seed, args)
         if variant == "frozen":
             runs.append(json.loads((stage1 / "metrics.json").read_text()))
+            continue
+        if variant == "perpeft":
+            settings = stage2_settings("perpeft", args)
+            settings["groups"] = groups = args.groups or settings["groups"]
+            if args.kt_steps:  # per group
+                settings["kt_steps_per_epoch"] = args.kt_steps * groups
+            runs.append(stage2_run(f"perpeft{groups}", stage1, settings, seed, args))
             continue
         if variant == "full":
             name, extra = "prompt", {}
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="joint variant: backbone lr (from scratch: the stage-1 configs' 1e-3)")
     p.add_argument("--joint-kt-steps", type=int, default=1,
                    help="joint variant: tuning steps per epoch")
+    p.add_argument("--groups", type=int, help="perpeft variant: user groups (default: the "
+                   "YAML's 4)")
     p.add_argument("--png", type=Path, help="bar chart path (default <out>/ablation.png)")
     args = p.parse_args(argv)
     results: dict[str, dict[str, list[dict]]] = {}

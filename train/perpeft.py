@@ -23,6 +23,7 @@ runs, outputs have the ungrouped width) or `active = None` (everything else: the
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 
 import faiss
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 
 from train.backbones.base import Backbone
 from train.sampling import Batch, NegativeSampler, epoch_batches
+
+log = logging.getLogger(__name__)
 
 
 def cluster_users(users: Tensor, groups: int, seed: int, niter: int = 100) -> Tensor:
@@ -219,7 +222,13 @@ def group_samplers(train: np.ndarray, assignment: np.ndarray, n_items: int, grou
     out = []
     for g in range(groups):
         pairs = train[assignment[train[:, 0]] == g]
-        pool = None if group_negatives else everything
+        pool = None
+        if not group_negatives:
+            pool = everything
+        elif len(pairs) and np.bincount(pairs[:, 0]).max() >= len(np.unique(pairs[:, 1])):
+            log.warning("perpeft: a user of group %d trained on every item of the group; its "
+                        "negatives come from all training items", g)
+            pool = everything
         out.append((torch.from_numpy(pairs), NegativeSampler(pairs, n_items, pool)))
     return out
 
