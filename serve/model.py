@@ -280,4 +280,4 @@ class ServingModel:
             search_params=ann.get_search_params(self.index), users=m.counts.users,
             items=m.counts.items, index_items=self.n_items, cold_start=self.encoder is not None,
             metrics=dict(m.metrics), loaded_at=self.loaded_at.isoformat(), upserts=self.upserts,
-            deletes=self.deletes)
+            deletes=self.deletes, user_groups=m.user_groups)

@@ -77,6 +77,7 @@ def test_served_cold_vectors_have_a_block_per_group(exported, data_dir):  # noqa
     got = model.encode(Path(items.images[i]).read_bytes(), items.texts[i])
     expected = rebuilt.heads(rebuilt.heads.select(rebuilt.features, torch.tensor([i])))[0]
     assert got.shape == (model.info()["dim"],) == expected.shape
+    assert model.info()["user_groups"] == 2
     np.testing.assert_allclose(got, expected.detach().numpy(), atol=1e-4)
     first, second = np.split(got, 2)
     assert np.abs(first - second).max() > 1e-4  # each group's own tuned towers and heads

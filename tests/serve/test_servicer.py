@@ -166,7 +166,8 @@ def test_no_encoder_is_failed_precondition(bundle_no_encoder, metrics, ctx):
         == S.FAILED_PRECONDITION
     req = pb.UpsertItemRequest(item_id=9, image=image, text=text)
     assert status(lambda: servicer.UpsertItem(req, ctx)) == S.FAILED_PRECONDITION
-    assert not servicer.GetModelInfo(pb.GetModelInfoRequest(), ctx).cold_start
+    info = servicer.GetModelInfo(pb.GetModelInfoRequest(), ctx)
+    assert not info.cold_start and info.user_groups == 1
     assert len(rec(servicer, ctx).items) == 10
 
 
