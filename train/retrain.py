@@ -6,6 +6,11 @@ into DIR/vN and points DIR/CURRENT at it; a server watching DIR then hot-swaps t
 published when training or export fails (exit 1), the config is invalid (exit 2) or another retrain
 holds DIR's lock (exit 3): the server keeps serving the previous bundle.
 
+With `--stage2 STAGE2.yaml` (train/stage2.py; PTMRec's encoder tuning, or PerPEFT with `groups`)
+stage 2 runs on the fresh stage-1 run into RUN/stage2, and is what goes on (to distillation or
+export) unless its validation metric is below stage 1's; then stage 1 goes on (logged). An invalid
+stage-2 config is exit 2 before any training.
+
 With `--distill DISTILL.yaml` (train/distill.py) the trained run is the teacher: a light student is
 distilled from it into RUN/student and exported instead, provided it keeps at least `--min-kept`
 of the teacher's validation metric; otherwise the teacher is exported (logged), so a bad student
@@ -32,9 +37,10 @@ from pydantic import ValidationError
 
 from export import export_run
 from train.__main__ import pick_device
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig, load_config, load_raw
 from train.distill import DistillConfig, load_distill_config, run_distill
 from train.stage1 import run_stage1
+from train.stage2 import Stage2Config, run_stage2
 
 log = logging.getLogger("train.retrain")
 LOCK = ".retrain.lock"
@@ -52,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override one config key (repeatable)")
     p.add_argument("--factory", default="Flat", help="FAISS factory string of the item index")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 ONNX encoders")
+    p.add_argument("--stage2", type=Path, default=None, metavar="STAGE2.yaml",
+                   help="tune the encoders of the trained run (stage 2) and publish that unless "
+                        "it validates worse than stage 1")
     p.add_argument("--distill", type=Path, default=None, metavar="DISTILL.yaml",
                    help="distil the trained run into a light student and publish that")
     p.add_argument("--min-kept", type=float, default=0.95,
@@ -105,12 +114,32 @@ def distilled_or_teacher(teacher: Path, dcfg: DistillConfig, cfg: TrainConfig,
     return student
 
 
+def tuned_or_stage1(stage1: Path, s2: Stage2Config, cfg: TrainConfig) -> Path:
+    """Stage 2 on `stage1` into stage1/stage2; the run to go on with: stage 2 unless its
+    validation metric is below stage 1's."""
+    metric = cfg.eval.valid_metric
+    base = json.loads((stage1 / "metrics.json").read_text())["valid"][metric]
+    tuned = stage1 / "stage2"
+    metrics = run_stage2(stage1, s2, tuned, pick_device(cfg.device))
+    log.info("stage 2 (%s, %d user group(s)): valid %s %.4f vs stage 1 %.4f", s2.method.name,
+             s2.groups, metric, metrics["valid"][metric], base)
+    if metrics["valid"][metric] < base:
+        log.warning("stage 2 validates below stage 1: going on with stage 1 %s", stage1)
+        return stage1
+    return tuned
+
+
 def retrain(args: argparse.Namespace) -> int:
     """Train, export and publish; returns the exit code."""
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValidationError, ValueError, OSError) as err:
         log.error("invalid config %s: %s", args.config, err)
+        return 2
+    try:
+        s2 = (Stage2Config.model_validate(load_raw(args.stage2, [])) if args.stage2 else None)
+    except (ValidationError, ValueError, OSError, yaml.YAMLError) as err:
+        log.error("invalid stage-2 config %s: %s", args.stage2, err)
         return 2
     try:
         dcfg = load_distill_config(args.distill, []) if args.distill else None
@@ -128,6 +157,12 @@ def retrain(args: argparse.Namespace) -> int:
         return 1
     log.info("trained %s in %.0f s (best valid epoch %d)", run_dir, time.perf_counter() - start,
              metrics["best_epoch"])
+    if s2 is not None:
+        try:
+            run_dir = tuned_or_stage1(run_dir, s2, cfg)
+        except Exception:  # noqa: BLE001 - a failed stage 2 publishes nothing
+            log.exception("stage 2 on %s failed; nothing published", run_dir)
+            return 1
     if dcfg is not None:
         try:
             run_dir = distilled_or_teacher(run_dir, dcfg, cfg, args.min_kept)

@@ -70,3 +70,45 @@ def test_distilled_student_is_published_unless_it_falls_short(config, tmp_path):
     assert main(_args(config, tmp_path, "--distill", str(distill))) == 2
     assert len(list((tmp_path / "runs").iterdir())) == 2
     assert current_version(tmp_path / "bundles") == "v2"
+
+
+def test_stage2_is_published_unless_it_validates_worse(tmp_path):
+    """--stage2 tunes the fresh run (here PerPEFT with 2 groups) and publishes it; with nothing
+    learned (lr 0, identity (IA)^3) it ties stage 1 on validation and still goes on."""
+    generate(tmp_path / "data", n_users=60, n_items=40, seed=1)
+    config = tmp_path / "mm.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "data": {"path": str(tmp_path / "data")},
+        "encoders": {"text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
+                     "cache_dir": str(tmp_path / "cache")},
+        "backbone": {"name": "lightgcn_mm", "modalities": ["text"]},
+        "heads": {"modalities": ["text"]},
+        "optim": {"batch_size": 256, "epochs": 2}, "eval": {"ks": [10, 20]}}))
+    stage2 = tmp_path / "stage2.yaml"
+    stage2.write_text(yaml.safe_dump({
+        "method": {"name": "ia3"}, "modalities": ["text"], "groups": 2, "kt_batch_size": 16,
+        "kt_steps_per_epoch": 1, "epochs": 1, "learning_rate": 0.0}))
+    assert main(_args(config, tmp_path, "--stage2", str(stage2))) == 0
+    (run,) = sorted((tmp_path / "runs").iterdir())
+    manifest = load_bundle(tmp_path / "bundles" / "v1").manifest
+    assert manifest.source_run == str((run / "stage2").resolve())
+    assert manifest.user_groups == 2 and manifest.encoder.encoder_tuning == "ia3"
+    # an invalid stage-2 config fails before any training
+    stage2.write_text("groups: 0\n")
+    assert main(_args(config, tmp_path, "--stage2", str(stage2))) == 2
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_stage2_below_stage1_goes_on_with_stage1(tmp_path, monkeypatch):
+    import json
+
+    from train import retrain
+    from train.config import TrainConfig
+    from train.stage2 import Stage2Config
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"valid": {"recall@20": 0.5}}))
+    cfg = TrainConfig.model_validate({"data": {"path": str(tmp_path)}, "backbone": {"name": "bpr"}})
+    for tuned, expected in ((0.4, tmp_path), (0.5, tmp_path / "stage2")):
+        monkeypatch.setattr(retrain, "run_stage2",
+                            lambda *a, v=tuned: {"valid": {"recall@20": v}})
+        assert retrain.tuned_or_stage1(tmp_path, Stage2Config(), cfg) == expected
