@@ -6,6 +6,11 @@ call per query (a batch of one, the serving path) with `--threads` OpenMP thread
 exact ground truth use `--build-threads`. Recall@k is measured against exact inner-product search.
 Also times the sha256 verification of a bundle holding users.npy and the Flat items.faiss.
 
+With `--groups G` the vectors have PerPEFT's layout (train/perpeft.py): an item is G blocks of
+`--dim`, block g its clustered vector plus `--group-noise` of its own noise (renormalised: the
+groups' views of the item differ that much), and a query is one clustered vector in a random
+block, zero elsewhere (a user scores only against its group's block).
+
     python bench/index_bench.py --sizes 100000 1000000 --dim 64 --queries 500
 """
 from __future__ import annotations
@@ -50,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude", type=int, default=100,
                    help="random ids excluded (plus each query's true top-10) in the filtered row")
     p.add_argument("--no-bundle", action="store_true", help="skip the bundle verification timing")
+    p.add_argument("--groups", type=int, default=1, help="PerPEFT user groups (G-block vectors)")
+    p.add_argument("--group-noise", type=float, default=0.5,
+                   help="with --groups: how far each group's block moves from the shared one")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -65,6 +73,34 @@ def clustered(n: int, args: argparse.Namespace, seed: int) -> np.ndarray:
             (m, args.dim))
         x[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return x
+
+
+def grouped_items(x: np.ndarray, args: argparse.Namespace, seed: int) -> np.ndarray:
+    """(n, G·d): per group, each vector plus group noise, renormalised (x itself when G = 1)."""
+    if args.groups == 1:
+        return x
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(x), x.shape[1] * args.groups), dtype=np.float32)
+    d = x.shape[1]
+    for g in range(args.groups):
+        for start in range(0, len(x), 262_144):
+            part = x[start:start + 262_144]
+            block = part + args.group_noise * rng.standard_normal(part.shape) / math.sqrt(d)
+            out[start:start + len(part), g * d:(g + 1) * d] = (
+                block / np.linalg.norm(block, axis=1, keepdims=True))
+    return out
+
+
+def block_queries(q: np.ndarray, args: argparse.Namespace, seed: int) -> np.ndarray:
+    """(Q, G·d): each query in one random group's block, zeros elsewhere (q itself when G = 1)."""
+    if args.groups == 1:
+        return q
+    groups = np.random.default_rng(seed).integers(0, args.groups, len(q))
+    d = q.shape[1]
+    out = np.zeros((len(q), d * args.groups), dtype=np.float32)
+    for i, g in enumerate(groups):
+        out[i, g * d:(g + 1) * d] = q[i]
+    return out
 
 
 def timed_searches(index: faiss.Index, q: np.ndarray, k: int,
@@ -110,9 +146,9 @@ def build_timed(x: np.ndarray, ids: np.ndarray, factory: str,
 
 def bench_size(n: int, args: argparse.Namespace) -> list[dict]:
     """All index variants at one catalogue size."""
-    x = clustered(n, args, seed=args.seed + 1)
+    x = grouped_items(clustered(n, args, seed=args.seed + 1), args, seed=args.seed + 5)
     ids = np.arange(n, dtype=np.int64)
-    q = clustered(args.queries, args, seed=args.seed + 2)
+    q = block_queries(clustered(args.queries, args, seed=args.seed + 2), args, args.seed + 6)
     k = args.k
     flat, flat_s = build_timed(x, ids, "Flat", args)
     faiss.omp_set_num_threads(args.build_threads)
@@ -161,14 +197,14 @@ def filtered_row(n: int, hnsw: faiss.Index, q: np.ndarray, truth_wide: np.ndarra
 
 def bench_bundle(n: int, args: argparse.Namespace) -> str:
     """Seconds to write and to verify a bundle of users.npy + a Flat items.faiss at size n."""
-    x = clustered(n, args, seed=args.seed + 4)
+    x = grouped_items(clustered(n, args, seed=args.seed + 4), args, seed=args.seed + 7)
     root = Path(tempfile.mkdtemp(prefix="index-bench-"))
     try:
         def write(target: Path) -> None:
             np.save(target / bundle.USERS, x)
             ann.save(ann.build(x, np.arange(n), "Flat", use_gpu=False), target / bundle.ITEMS_INDEX)
 
-        manifest = Manifest(source_run="bench", config_hash="-", backbone="-", dim=args.dim,
+        manifest = Manifest(source_run="bench", config_hash="-", backbone="-", dim=x.shape[1],
                             normalized=True, faiss_factory="Flat", counts=Counts(users=n, items=n))
         start = time.perf_counter()
         path = bundle.write_bundle(root, write, manifest)
@@ -179,13 +215,13 @@ def bench_bundle(n: int, args: argparse.Namespace) -> str:
         size_mb = sum(f.bytes for f in bundle.load_bundle(path).manifest.files.values()) / 2**20
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return (f"bundle {n:,} users + {n:,} items x {args.dim} ({size_mb:.0f} MiB): "
+    return (f"bundle {n:,} users + {n:,} items x {x.shape[1]} ({size_mb:.0f} MiB): "
             f"write {write_s:.2f} s, load_bundle (sha256 verify) {verify_s:.2f} s")
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     """Markdown table of all results."""
-    print(f"\nk={args.k}, d={args.dim}, {args.queries} queries, search threads={args.threads}, "
+    print(f"\nk={args.k}, d={args.dim} x {args.groups} group(s), {args.queries} queries, search threads={args.threads}, "
           f"build threads={args.build_threads}, faiss {faiss.__version__}\n")
     print("| N | index | search params | build s | p50 µs | p99 µs | recall@20 | target |")
     print("|---|---|---|---|---|---|---|---|")
