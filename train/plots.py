@@ -131,26 +131,47 @@ def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarra
     dataset = load_dataset(cfg.data.path)
     before = item_features(cfg.encoders, dataset, device)
     state = checkpoint.load(run_dir / BEST)
+    groups = s2.groups  # PerPEFT: one set of tuned features per user group
     after, missing = {}, []
     for m in s2.modalities:
         table = state.get(f"backbone.features.{m}")
-        if table is not None and tuple(table.shape) == before[m].shape:
-            after[m] = table.float().cpu().numpy()
+        n, d = before[m].shape
+        if table is not None and tuple(table.shape) == (n, d * groups):
+            blocks = np.split(table.float().cpu().numpy(), groups, axis=1)
+            after |= {_label(m, g, groups): block for g, block in enumerate(blocks)}
         else:
             missing.append(m)
     if missing:
         after |= _reencode(run_dir, cfg, s2, dataset, state, missing, device, build_towers, encode)
-    return {m: (np.asarray(before[m]), after[m]) for m in s2.modalities}
+    return {_label(m, g, groups): (np.asarray(before[m]), after[_label(m, g, groups)])
+            for m in s2.modalities for g in range(groups)}
+
+
+def _label(modality: str, group: int, groups: int) -> str:
+    """A feature set's name: the modality, and the user group of a PerPEFT run."""
+    return modality if groups == 1 else f"{modality}, user group {group}"
 
 
 def _reencode(run_dir, cfg, s2, dataset, state, modalities, device, build_towers,
               encode) -> dict[str, np.ndarray]:
-    """Re-encode every item with the tuned towers stored in best.pt."""
-    towers = build_towers(cfg.encoders, s2.model_copy(update={"modalities": modalities}))
+    """Re-encode every item with the tuned towers stored in best.pt (each group's, PerPEFT)."""
     raw = {"image": dataset.items.images, "text": dataset.items.texts}
     out = {}
+    for g in range(s2.groups):
+        member = "" if s2.groups == 1 else f"members.{g}."
+        tuned = _reencode_group(run_dir, cfg, s2, state, modalities, device, build_towers,
+                                encode, raw, member)
+        out |= {_label(m, g, s2.groups): f for m, f in tuned.items()}
+    return out
+
+
+def _reencode_group(run_dir, cfg, s2, state, modalities, device, build_towers, encode, raw,
+                    member: str) -> dict[str, np.ndarray]:
+    """Every item encoded by the towers stored under towers.<m>.<member> in best.pt."""
+    towers = build_towers(cfg.encoders, s2.model_copy(update={"modalities": modalities}))
+    out = {}
     for m, tower in towers.items():
-        prefix = f"towers.{m}."
+        prefix = f"towers.{m}.{member}"
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not own:
             raise KeyError(f"{run_dir}/best.pt has no {prefix}* parameters to re-encode {m} with")

@@ -52,6 +52,30 @@ def test_reencoding_matches_the_stored_table(stage2_run, tmp_path):
     np.testing.assert_allclose(stage2_feature_sets(copy)["text"][1], stored, atol=1e-4)
 
 
+def test_perpeft_run_has_a_feature_set_per_group(stage2_run, tmp_path):
+    """A grouped run: one "after" set per user group, from its table block or re-encoded by the
+    group's own tuned tower (both agree)."""
+    import shutil
+
+    s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
+                                      "modalities": ["text"], "groups": 2, "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 4, "epochs": 1, "keep_start": False,
+                                      "learning_rate": 1e-2})
+    run_stage2(stage2_run.parent / "s1", s2, tmp_path / "pp", torch.device("cpu"))
+    sets = stage2_feature_sets(tmp_path / "pp")
+    assert list(sets) == ["text, user group 0", "text, user group 1"]
+    (before, first), (_, second) = sets.values()
+    assert before.shape == first.shape and not np.allclose(first, second)
+    copy = tmp_path / "pp_copy"
+    shutil.copytree(tmp_path / "pp", copy)
+    state = checkpoint.load(copy / "best.pt")
+    del state["backbone.features.text"]
+    checkpoint.save_atomic(state, copy / "best.pt")
+    reencoded = stage2_feature_sets(copy)
+    for name, (_, after) in sets.items():
+        np.testing.assert_allclose(reencoded[name][1], after, atol=1e-4)
+
+
 def test_tsne_and_errors(tmp_path):
     x = np.random.default_rng(0).normal(size=(20, 6))
     assert tsne_2d(x).shape == (20, 2)
