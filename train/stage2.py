@@ -324,10 +324,11 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         return 0
     saved = checkpoint.load(path)["optimizer"]["state"]
     # stage 1 optimised ModuleDict({"backbone", ["heads"]}).parameters(), in this order; a
-    # grouped (PerPEFT) backbone holds the stage-1 backbone as `inner` (grouped heads: none match)
+    # grouped (PerPEFT) backbone holds the stage-1 backbone as `inner`, and grouped heads (one
+    # copy per group) start their moments from zero
     backbone = modules["backbone"]
     stage1 = {"backbone": getattr(backbone, "inner", backbone)}
-    if stage1_had_heads:
+    if stage1_had_heads and not perpeft.grouped(modules["heads"]):
         stage1["heads"] = modules["heads"]
     named = list(torch.nn.ModuleDict(stage1).named_parameters())
     moments = {named[i][0]: state for i, state in saved.items() if i < len(named)}

@@ -173,3 +173,26 @@ def test_grouped_heads_fuse_blockwise():
         assert fused.shape == (3, 10)
         assert torch.allclose(fused[:, :5], fused[:, 5:])
         assert torch.equal(heads.heads["image"].members[1].weight, reference["image"])
+
+
+def test_backbone_moments_restored_grouped_heads_start_fresh(stage1_run, tmp_path, monkeypatch):
+    from train import stage2
+
+    saved = checkpoint.load(stage1_run / "checkpoint.pt")["optimizer"]["state"]
+    seen = {}
+
+    def spy(optimizer, modules, run, had_heads):
+        n = restore(optimizer, modules, run, had_heads)
+        inner = list(modules["backbone"].inner.parameters())
+        seen["backbone"] = all(torch.equal(optimizer.state[p]["exp_avg_sq"], saved[i]["exp_avg_sq"])
+                               for i, p in enumerate(inner) if p.requires_grad and i in saved)
+        seen["heads"] = [p for p in modules["heads"].parameters() if p in optimizer.state]
+        seen["n"] = n
+        return n
+
+    restore = stage2.restore_stage1_moments
+    monkeypatch.setattr(stage2, "restore_stage1_moments", spy)
+    s2 = Stage2Config.model_validate({"method": {"name": "ia3"}, "groups": 2, "kt_batch_size": 16,
+                                      "kt_steps_per_epoch": 1, "epochs": 1})
+    run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
+    assert seen["backbone"] and seen["n"] > 0 and seen["heads"] == []
