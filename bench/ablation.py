@@ -11,7 +11,9 @@ Variants, all with the checked-in prompt config (configs/ml100k/stage2/prompt.ya
 - full: two stages with KT (PTMRec);
 - perpeft: full with one prompt set and head set per user group (PerPEFT, train/perpeft.py), from
   configs/ml100k/stage2/perpeft.yaml (4 groups; --groups overrides; the CLI caps apply too, and
-  --kt-steps is per group there: the run gets groups x kt-steps tuning steps per epoch).
+  --kt-steps is per group there: the run gets groups x kt-steps tuning steps per epoch);
+- perpeft_global: perpeft whose groups all start from the full variant's tuned prompts, heads and
+  backbone (`init_from`), as PerPEFT trains a global adapter before the per-group ones.
 Prints test and validation Recall@20 (mean ± std over seeds, test at the best validation epoch)
 as a markdown table, and writes a bar chart (--png, default <out>/ablation.png).
 
@@ -31,13 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_run,  # noqa: E402
-                              stage2_settings)
+from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_dir,  # noqa: E402
+                              stage2_run, stage2_settings)
+from train.stage2 import Stage2Config  # noqa: E402
 
-VARIANTS = ["frozen", "joint", "no_kt", "full", "perpeft"]
+VARIANTS = ["frozen", "joint", "no_kt", "full", "perpeft", "perpeft_global"]
 LABELS = {"frozen": "frozen encoders (stage 1)", "joint": "joint prompts, no stage 1",
           "no_kt": "two stages, no KT", "full": "two stages + KT (full)",
-          "perpeft": "full, one prompt set per user group (PerPEFT)"}
+          "perpeft": "full, one prompt set per user group (PerPEFT)",
+          "perpeft_global": "PerPEFT from the full variant's prompts"}
 
 
 def variant_runs(variant: str, backbone: str, args) -> list[dict]:
@@ -48,12 +52,19 @@ def variant_runs(variant: str, backbone: str, args) -> list[dict]:
         if variant == "frozen":
             runs.append(json.loads((stage1 / "metrics.json").read_text()))
             continue
-        if variant == "perpeft":
+        if variant.startswith("perpeft"):
             settings = stage2_settings("perpeft", args)
             settings["groups"] = groups = args.groups or settings["groups"]
             if args.kt_steps:  # per group
                 settings["kt_steps_per_epoch"] = args.kt_steps * groups
-            runs.append(stage2_run(f"perpeft{groups}", stage1, settings, seed, args))
+            name = f"perpeft{groups}"
+            if variant == "perpeft_global":
+                full = stage2_settings("prompt", args)
+                stage2_run("prompt", stage1, full, seed, args)  # trained when missing
+                resolved = Stage2Config.model_validate(full).model_dump(mode="json")
+                settings["init_from"] = str(stage2_dir(args.out, stage1, "prompt", resolved, seed))
+                name += "_global"
+            runs.append(stage2_run(name, stage1, settings, seed, args))
             continue
         if variant == "full":
             name, extra = "prompt", {}

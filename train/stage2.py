@@ -110,12 +110,18 @@ class Stage2Config(BaseModel):
                         "its own item vectors (exported as G concatenated blocks); 1 = PTMRec")
     group_negatives: bool = Field(True, description="PerPEFT: a group's negatives come from the "
                                   "items its own users trained on (else from every training item)")
+    init_from: Path | None = Field(None, description="PerPEFT: a finished single-set stage-2 run "
+                                   "of the same stage-1 run and method (the global tuning); its "
+                                   "backbone, heads and tuned towers start every group, as "
+                                   "PerPEFT's per-group adapters start from its global one")
 
     @model_validator(mode="after")
     def _groups_need_stage1(self) -> "Stage2Config":
         if self.groups > 1 and not self.from_stage1:
             raise ValueError("groups > 1 needs from_stage1: true (users are grouped by their "
                              "stage-1 embeddings)")
+        if self.init_from is not None and not self.from_stage1:
+            raise ValueError("init_from needs from_stage1: true")
         return self
 
     @model_validator(mode="after")
@@ -288,6 +294,8 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     towers = build_towers(cfg.encoders, s2)
     for t in towers.values():
         t.to(device)
+    if s2.init_from is not None:
+        start_from(s2.init_from, cfg, s2, modules, towers)
     frozen = inputs.features
     if s2.groups > 1:
         with torch.no_grad():
@@ -301,6 +309,29 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": frozen}
     return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
                        stage1_run)
+
+
+def start_from(run: Path, cfg, s2: Stage2Config, modules: torch.nn.ModuleDict,
+               towers: dict[str, torch.nn.Module]) -> None:
+    """Load a finished single-set stage-2 run of the same stage-1 config and method (PerPEFT's
+    global tuning) into the backbone, heads and towers; ValueError when it does not fit."""
+    path = Path(run)
+    try:
+        other = Stage2Config.model_validate(yaml.safe_load((path / "stage2.yaml").read_text()))
+        other_cfg = load_config(path / STAGE1_CONFIG)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"init_from {path}: not a finished stage-2 run ({err})") from err
+    if other.groups != 1:
+        raise ValueError(f"init_from {path}: a run with {other.groups} groups; the global "
+                         "tuning is a single-set run (groups: 1)")
+    if other_cfg.config_hash() != cfg.config_hash():
+        raise ValueError(f"init_from {path}: tuned from a different stage-1 config")
+    if (other.method, other.modalities) != (s2.method, s2.modalities):
+        raise ValueError(f"init_from {path}: method {other.method.name} on {other.modalities}; "
+                         f"this run tunes {s2.method.name} on {s2.modalities}")
+    everything = torch.nn.ModuleDict(dict(modules) | {"towers": torch.nn.ModuleDict(towers)})
+    everything.load_state_dict(checkpoint.load(path / BEST))
+    log.info("PerPEFT: every group starts from the global tuning of %s", path)
 
 
 def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:

@@ -196,3 +196,26 @@ def test_backbone_moments_restored_grouped_heads_start_fresh(stage1_run, tmp_pat
                                       "kt_steps_per_epoch": 1, "epochs": 1})
     run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
     assert seen["backbone"] and seen["n"] > 0 and seen["heads"] == []
+
+
+def test_groups_start_from_a_global_tuning(stage1_run, tmp_path):
+    """init_from: the global single-set run's state starts every group (PerPEFT's global ->
+    per-group adapters), so the grouped start validates exactly like the global run."""
+    settings = {"method": PROMPTS, "kt_batch_size": 16, "kt_steps_per_epoch": 3, "epochs": 1,
+                "keep_start": False, "learning_rate": 1e-2}
+    glob = run_stage2(stage1_run, Stage2Config.model_validate(settings), tmp_path / "global",
+                      torch.device("cpu"))
+    grouped = Stage2Config.model_validate(settings | {"groups": 2, "learning_rate": 0.0,
+                                                      "init_from": str(tmp_path / "global")})
+    metrics = run_stage2(stage1_run, grouped, tmp_path / "pp", torch.device("cpu"))
+    assert metrics["start_valid"] == pytest.approx(glob["valid"], abs=1e-6)
+    state, start = (checkpoint.load(tmp_path / d / "best.pt") for d in ("pp", "global"))
+    assert torch.equal(state["towers.text.members.1.token_hook.prompts"],
+                       start["towers.text.token_hook.prompts"])
+    with pytest.raises(ValueError, match="this run tunes lora"):
+        run_stage2(stage1_run, grouped.model_copy(update={"method": Stage2Config.model_validate(
+            {"method": {"name": "lora"}}).method, "init_from": tmp_path / "global"}),
+            tmp_path / "bad", torch.device("cpu"))
+    with pytest.raises(ValueError, match="2 groups"):
+        run_stage2(stage1_run, grouped.model_copy(update={"init_from": tmp_path / "pp"}),
+                   tmp_path / "bad2", torch.device("cpu"))
