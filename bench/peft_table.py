@@ -111,8 +111,14 @@ def stage2_settings(method_file: str, args, extra: dict | None = None) -> dict:
 
 
 def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path:
-    """<root>/<backbone>/<name>-<hash of the stage-2 config and the stage-1 root>/<seed>."""
-    key = json.dumps({"stage2": s2, "stage1_root": str(stage1.resolve().parents[1])},
+    """<root>/<backbone>/<name>-<hash of the stage-2 config and the stage-1 root>/<seed>; the
+    hash covers the top-level settings that differ from Stage2Config's defaults, so a new option
+    whose default keeps the old behaviour does not orphan finished runs."""
+    from train.stage2 import Stage2Config
+
+    defaults = Stage2Config().model_dump(mode="json")
+    changed = {k: v for k, v in s2.items() if k not in defaults or defaults[k] != v}
+    key = json.dumps({"stage2": changed, "stage1_root": str(stage1.resolve().parents[1])},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return root / stage1.parent.name / f"{name}-{digest}" / str(seed)
