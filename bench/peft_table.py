@@ -118,6 +118,8 @@ def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path
 
     defaults = Stage2Config().model_dump(mode="json")
     changed = {k: v for k, v in s2.items() if k not in defaults or defaults[k] != v}
+    if changed.get("init_from"):  # <root>/<backbone>/<name>-<hash>/<seed>: the seed varies
+        changed["init_from"] = Path(changed["init_from"]).parent.name
     key = json.dumps({"stage2": changed, "stage1_root": str(stage1.resolve().parents[1])},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -20,3 +20,7 @@ def test_stage2_dir_ignores_settings_at_their_defaults(tmp_path):
     assert base == where(epochs=2, groups=1, group_negatives=True)  # spelled-out defaults
     assert base.parent.parent.name == "lightgcn_mm" and base.name == "999"
     assert base != where(epochs=3) and base != where(epochs=2, groups=2)
+    # the runs that start from another variant's runs share one directory across seeds
+    starts = [where(epochs=2, groups=2, init_from=str(tmp_path / "prompt-abc" / s))
+              for s in ("999", "1000")]
+    assert starts[0] == starts[1] != where(epochs=2, groups=2)
