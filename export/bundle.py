@@ -290,15 +290,18 @@ def export_attributes(run: Run, sample: np.ndarray, workdir: Path) -> tuple[dict
     workdir; the numpy path serving runs must reproduce the head on the run's own features."""
     spec = attribute_spec(run.cfg.encoders.attributes, run.full)
     head = run.heads.heads["attributes"]
+    # PerPEFT: every group's head reads the same slots, so side by side they are one matrix
+    members = head.members if isinstance(head, perpeft.GroupedHead) else [head]
     with torch.no_grad():
-        matrix = torch.cat([head.weight.T, head.bias[None]]).float().cpu().numpy()  # (D + 1, d)
+        matrix = torch.cat([torch.cat([h.weight.T, h.bias[None]]) for h in members],
+                           dim=1).float().cpu().numpy()  # (D + 1, G·d)
     (workdir / ATTRIBUTES).write_text(spec.model_dump_json(indent=2), encoding="utf-8")
     np.save(workdir / ATTRIBUTES_HEAD, matrix, allow_pickle=False)
     served = AttributeHead(AttributesSpec.model_validate_json(
         (workdir / ATTRIBUTES).read_text(encoding="utf-8")), np.load(workdir / ATTRIBUTES_HEAD))
     vectors = served([run.full.items.texts[i] for i in sample])
     with torch.no_grad():
-        index = torch.from_numpy(sample).to(head.weight.device)
+        index = torch.from_numpy(sample).to(members[0].weight.device)
         expected = head(run.features["attributes"].index_select(0, index).float()).cpu().numpy()
     diff = float(np.abs(vectors - expected).max(initial=0.0))
     if diff > onnx_export.FP32_TOL:

@@ -23,7 +23,6 @@ runs, outputs have the ungrouped width) or `active = None` (everything else: the
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Iterator
 
 import faiss
@@ -33,8 +32,6 @@ from torch import Tensor, nn
 
 from train.backbones.base import Backbone
 from train.sampling import Batch, NegativeSampler, epoch_batches
-
-log = logging.getLogger(__name__)
 
 
 def cluster_users(users: Tensor, groups: int, seed: int, niter: int = 100) -> Tensor:
@@ -77,7 +74,9 @@ class _GroupedModule(nn.Module):
 
 class GroupedTower(_GroupedModule):
     """An encoder tower per group; everything but forward (prepare, tokenizer, preprocessing
-    spec, token hook) is the first member's, which all members share."""
+    spec, token hook) is the first member's, which all members share. Members share their frozen
+    weights by reference: merge adapters member by member into separate copies
+    (export.tuned.deployable), never into the shared base."""
 
     @classmethod
     def copies(cls, tower: nn.Module, groups: int) -> GroupedTower:
@@ -85,9 +84,9 @@ class GroupedTower(_GroupedModule):
         return cls([tower] + [shared_copy(tower) for _ in range(groups - 1)])
 
     @classmethod
-    def tiled(cls, tower: nn.Module, groups: int) -> GroupedTower:
-        """The same (untuned) tower in every group: its features repeated G times."""
-        return cls([tower] * groups)
+    def tiled(cls, tower: nn.Module, groups: int) -> TiledTower:
+        """The same (untuned) tower in every group: run once, its features repeated G times."""
+        return TiledTower([tower] * groups)
 
     @property
     def base(self) -> nn.Module:
@@ -103,7 +102,18 @@ class GroupedTower(_GroupedModule):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["members"][0], name)
+            members = self.__dict__.get("_modules", {}).get("members")
+            if members is None:  # not initialised yet (copy, unpickling)
+                raise
+            return getattr(members[0], name)
+
+
+class TiledTower(GroupedTower):
+    """One untuned tower standing in for every group: computed once, repeated G times."""
+
+    def forward(self, x):
+        out = self.members[0](x)
+        return out if self.active is not None else out.repeat(1, self.groups)
 
 
 class GroupedHead(_GroupedModule):
@@ -112,6 +122,10 @@ class GroupedHead(_GroupedModule):
     def forward(self, x: Tensor) -> Tensor:
         if self.active is not None:
             return self.members[self.active](x)
+        width = self.members[0].in_features
+        if x.shape[-1] != width * self.groups:
+            raise ValueError(f"grouped head: features of width {x.shape[-1]}, expected "
+                             f"{self.groups} group blocks of {width}")
         blocks = x.chunk(self.groups, dim=1)
         return torch.cat([m(b) for m, b in zip(self.members, blocks)], dim=1)
 
@@ -129,25 +143,38 @@ class _Call(nn.Module):
 
 class GroupedBackbone(Backbone):
     """The stage-1 backbone shared by all groups, with one copy of its item-feature tables per
-    group: `features[m]` is (I, G·D_m), block g being group g's features; calls for group g run
-    the backbone with block g in place of its own tables (gradients reach that block when the
-    tables train, as FREEDOM's do)."""
+    group (`tables[g][m]`, own Parameters, so a group's step moves only its own tables even under
+    Adam's momentum); calls for group g run the backbone with group g's tables in place of its
+    own, which stay frozen stand-ins. `features[m]` is the (I, G·D_m) side-by-side view."""
 
     def __init__(self, inner: Backbone, assignment: Tensor, groups: int) -> None:
         super().__init__()
         self.inner = inner
         self.n_groups = groups
         self.register_buffer("groups", assignment.clone())
-        tables = getattr(inner, "features", None) or {}
-        self.features = nn.ParameterDict({
-            m: nn.Parameter(t.detach().repeat(1, groups), requires_grad=t.requires_grad)
-            for m, t in tables.items()})
+        own = getattr(inner, "features", None) or {}
+        self.tables = nn.ModuleList(
+            nn.ParameterDict({m: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                              for m, t in own.items()})
+            for _ in range(groups))
+        for table in own.values():
+            table.requires_grad_(False)
         self.active: int | None = None
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """Every group's feature table side by side, (I, G·D_m) per modality (a copy)."""
+        return {m: torch.cat([t[m] for t in self.tables], dim=1).detach()
+                for m in self.tables[0]}
+
+    def set_features(self, modality: str, features: Tensor) -> None:
+        """Write (I, G·D) features into the groups' tables, block g into group g's."""
+        for table, block in zip(self.tables, features.chunk(self.n_groups, dim=1)):
+            table[modality].data.copy_(block)
 
     def _run(self, group: int, method: str, *args):
         """A backbone method with group `group`'s feature tables."""
-        params = {f"inner.features.{m}": t.chunk(self.n_groups, dim=1)[group]
-                  for m, t in self.features.items()}
+        params = {f"inner.features.{m}": t for m, t in self.tables[group].items()}
         return torch.func.functional_call(self._caller, params, (method, *args), strict=False)
 
     @property
@@ -217,19 +244,18 @@ def personalise(model: Backbone, heads: nn.Module, towers: dict[str, nn.Module],
 def group_samplers(train: np.ndarray, assignment: np.ndarray, n_items: int, groups: int,
                    group_negatives: bool) -> list[tuple[Tensor, NegativeSampler]]:
     """Per group: its training pairs and a sampler whose negatives come from the group's own
-    training items (group_negatives) or from every training item."""
+    training items (group_negatives; from every training item for a user whose group offers it
+    no negative within the sampler's rounds) or from every training item."""
     everything = np.unique(train[:, 1])
     out = []
     for g in range(groups):
         pairs = train[assignment[train[:, 0]] == g]
-        pool = None
-        if not group_negatives:
-            pool = everything
-        elif len(pairs) and np.bincount(pairs[:, 0]).max() >= len(np.unique(pairs[:, 1])):
-            log.warning("perpeft: a user of group %d trained on every item of the group; its "
-                        "negatives come from all training items", g)
-            pool = everything
-        out.append((torch.from_numpy(pairs), NegativeSampler(pairs, n_items, pool)))
+        if group_negatives:  # a user who trained on (nearly) all its group's items falls back
+            sampler = NegativeSampler(pairs, n_items,
+                                      fallback=NegativeSampler(pairs, n_items, everything))
+        else:
+            sampler = NegativeSampler(pairs, n_items, everything)
+        out.append((torch.from_numpy(pairs), sampler))
     return out
 
 

@@ -134,11 +134,12 @@ def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarra
     groups = s2.groups  # PerPEFT: one set of tuned features per user group
     after, missing = {}, []
     for m in s2.modalities:
-        table = state.get(f"backbone.features.{m}")
-        n, d = before[m].shape
-        if table is not None and tuple(table.shape) == (n, d * groups):
-            blocks = np.split(table.float().cpu().numpy(), groups, axis=1)
-            after |= {_label(m, g, groups): block for g, block in enumerate(blocks)}
+        # a grouped (PerPEFT) backbone keeps one table per group
+        names = ([f"backbone.features.{m}"] if groups == 1 else
+                 [f"backbone.tables.{g}.{m}" for g in range(groups)])
+        tables = [state.get(name) for name in names]
+        if all(t is not None and tuple(t.shape) == before[m].shape for t in tables):
+            after |= {_label(m, g, groups): t.float().cpu().numpy() for g, t in enumerate(tables)}
         else:
             missing.append(m)
     if missing:

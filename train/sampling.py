@@ -25,11 +25,12 @@ class NegativeSampler:
     """Uniform negatives from a candidate pool, rejecting each user's training items."""
 
     def __init__(self, train: np.ndarray, n_items: int, pool: np.ndarray | None = None,
-                 max_rounds: int = 100):
+                 max_rounds: int = 100, fallback: NegativeSampler | None = None):
         self.n_items = n_items
         self.keys = torch.from_numpy(np.unique(train[:, 0] * n_items + train[:, 1]))
         self.pool = torch.from_numpy(np.unique(train[:, 1]) if pool is None else pool)
         self.max_rounds = max_rounds
+        self.fallback = fallback  # draws for the entries still without a negative
 
     def _seen(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Whether each (user, item) pair is a training interaction."""
@@ -46,6 +47,11 @@ class NegativeSampler:
                 return neg
             neg[todo] = self.pool[torch.randint(len(self.pool), todo.shape, generator=generator)]
             todo = todo[self._seen(users[todo], neg[todo])]
+        if len(todo) == 0:
+            return neg
+        if self.fallback is not None:
+            neg[todo] = self.fallback.sample(users[todo], generator)
+            return neg
         raise RuntimeError(f"{len(todo)} users have interacted with (nearly) every candidate "
                            f"item; no negative found in {self.max_rounds} rounds")
 

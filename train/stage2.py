@@ -52,7 +52,7 @@ from train.encoders.peft_methods import PeftMethodConfig, apply_peft
 from train.encoders.prompts import PromptConfig, count_trainable, prompted_text_config
 from train.evaluate import Evaluator
 from train.features import item_features
-from train.fit import BEST, CHECKPOINT, evaluate_model
+from train.fit import BEST, CHECKPOINT, batch_to, evaluate_model
 from train.heads import ContentHeads, HeadsConfig
 from train.losses import bpr_loss, knowledge_transfer
 from train.sampling import NegativeSampler, epoch_batches
@@ -188,7 +188,10 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     tables = getattr(model, "features", {})
     for m, f in tuned.items():
         if m in tables and tables[m].shape == f.shape:
-            tables[m].data.copy_(f)
+            if isinstance(model, perpeft.GroupedBackbone):
+                model.set_features(m, f)
+            else:
+                tables[m].data.copy_(f)
     return feats
 
 
@@ -251,6 +254,7 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
     total, n = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for n, (group, batch) in enumerate(batches, start=1):
+        batch = batch_to(batch, device)
         if group is not None:
             for module in tree:
                 perpeft.activate(module, group)
@@ -319,7 +323,9 @@ def start_from(run: Path, cfg, s2: Stage2Config, modules: torch.nn.ModuleDict,
     try:
         other = Stage2Config.model_validate(yaml.safe_load((path / "stage2.yaml").read_text()))
         other_cfg = load_config(path / STAGE1_CONFIG)
-    except (OSError, ValueError) as err:
+        if not (path / BEST).is_file():
+            raise FileNotFoundError(f"no {BEST}")
+    except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"init_from {path}: not a finished stage-2 run ({err})") from err
     if other.groups != 1:
         raise ValueError(f"init_from {path}: a run with {other.groups} groups; the global "
@@ -371,6 +377,14 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
                                   for k, v in state.items()}
         restored += 1
+    if isinstance(backbone, perpeft.GroupedBackbone):  # each group's tables continue stage 1's
+        for table in backbone.tables:
+            for m, param in table.items():
+                state = moments.get(f"backbone.features.{m}")
+                if state is not None and param.requires_grad:
+                    optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v)
+                                              else v for k, v in state.items()}
+                    restored += 1
     return restored
 
 
@@ -388,8 +402,9 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     train_pairs = torch.from_numpy(dataset.train)
     samplers = (perpeft.group_samplers(dataset.train, model.groups.cpu().numpy(), dataset.n_items,
                                        s2.groups, s2.group_negatives) if s2.groups > 1 else None)
-    feats = (refresh_features(model, towers, raw, s2, device) if s2.refresh_at_start
-             else dict(raw["frozen"]))
+    # a start from a global stage-2 run (init_from) has tuned towers: its features are theirs
+    reencoded = s2.refresh_at_start or s2.init_from is not None
+    feats = refresh_features(model, towers, raw, s2, device) if reencoded else dict(raw["frozen"])
 
     def keep(valid: dict, feats: dict) -> dict:
         """Test (and cold-start) figures of the current state, saved as the best checkpoint."""
@@ -404,8 +419,10 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     start_valid = None
     if s2.from_stage1:  # the loaded state: checks the load, and is the candidate "epoch -1"
         start_valid = evaluate_model(model, valid_eval)
-        log.info("stage 2 start (stage-1 weights, %s features): valid %s %.4f",
-                 "re-encoded" if s2.refresh_at_start else "stage-1", cfg.eval.valid_metric,
+        log.info("stage 2 start (%s weights, %s features): valid %s %.4f",
+                 "stage-1" if s2.init_from is None else "init_from",
+                 "re-encoded" if reencoded else "stage-1",
+                 cfg.eval.valid_metric,
                  start_valid[cfg.eval.valid_metric])
         if s2.keep_start and cfg.heads is None:
             log.warning("keep_start ignored: the stage-1 run trained no content heads, so its "

@@ -146,8 +146,10 @@ def test_tampered_attribute_spec_is_refused(data_dir, tmp_path):
         load_bundle(bundle_dir)
 
 
-def test_stage2_run_with_an_attribute_head_exports(data_dir, tmp_path):
-    """Prompts tune the text tower; the attribute head rides along on its frozen features."""
+@pytest.mark.parametrize("groups", [1, 2])
+def test_stage2_run_with_an_attribute_head_exports(data_dir, tmp_path, groups):
+    """Prompts tune the text tower; the attribute head rides along on its frozen features (with
+    PerPEFT groups: one attribute head per group, shipped as one (slots + 1, G·d) matrix)."""
     cfg = config(data_dir, tmp_path / "cache", ["text", "attributes"]).model_copy(update={
         "encoders": EncodersConfig.model_validate({
             "text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
@@ -155,13 +157,15 @@ def test_stage2_run_with_an_attribute_head_exports(data_dir, tmp_path):
     run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
     s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
                                       "modalities": ["text"], "kt_batch_size": 16,
-                                      "kt_steps_per_epoch": 2, "epochs": 1, "keep_start": False})
+                                      "kt_steps_per_epoch": 2, "epochs": 1, "keep_start": False,
+                                      "groups": groups})
     run_stage2(tmp_path / "run", s2, tmp_path / "s2", torch.device("cpu"))
     bundle = load_bundle(export_run(tmp_path / "s2", tmp_path / "bundles"))
     m = bundle.manifest
     assert m.encoder.encoder_tuning == "prompt" and m.encoder.attributes_file == ATTRIBUTES
     assert m.metrics["parity.fused.max_abs"] <= 1e-4
-    assert load_encoder(bundle).encode(b"", "Made of oak. Ships in 3 days.").shape == (16,)
+    assert m.metrics["parity.attributes.max_abs"] <= 1e-5 and m.user_groups == groups
+    assert load_encoder(bundle).encode(b"", "Made of oak. Ships in 3 days.").shape == (16 * groups,)
 
 
 def test_attribute_slots_no_training_item_carries_stay_at_zero(data_dir, tmp_path):

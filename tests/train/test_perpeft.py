@@ -61,7 +61,12 @@ def test_shared_copy_shares_frozen_weights_only(stage1_run):
         assert grouped.out_dim == tower.out_dim
         assert not torch.allclose(grouped(prepared), tower(prepared))
     # tokenisation, preprocessing and the hook are the first member's
-    assert grouped.prepare_counted is not None and grouped.token_hook is tower.token_hook
+    assert torch.equal(grouped.prepare(["blue"]), tower.prepare(["blue"]))
+    assert grouped.token_hook is tower.token_hook
+    tiled = perpeft.GroupedTower.tiled(tower, 3)
+    with torch.no_grad():
+        assert torch.equal(tiled(prepared), tower(prepared).repeat(1, 3))
+    assert sum(1 for _ in tiled.parameters()) == sum(1 for _ in tower.parameters())
 
 
 def _grouped_model(stage1_run, groups=3):
@@ -95,18 +100,27 @@ def test_grouped_scores_are_each_users_group_scores(stage1_run):
         assert torch.allclose(scores[rows], (u0 @ i0.T)[rows], atol=1e-5)
 
 
-def test_group_loss_trains_only_its_feature_block(stage1_run):
+def test_group_loss_trains_only_its_own_tables(stage1_run):
+    """With trainable tables (as FREEDOM's), a group's step moves its tables only, also under
+    Adam's momentum from earlier steps of other groups."""
     _, grouped, _ = _grouped_model(stage1_run)
-    for table in grouped.features.values():
-        table.requires_grad_(True)  # as FREEDOM's trainable tables
-    users = torch.nonzero(grouped.groups == 2).squeeze(1)[:4]
-    batch = Batch(users, torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]))
+    for table in grouped.tables:
+        for param in table.values():
+            param.requires_grad_(True)
+    optimizer = torch.optim.Adam([p for t in grouped.tables for p in t.values()], lr=0.1)
+    batch = {g: Batch(torch.nonzero(grouped.groups == g).squeeze(1)[:4],
+                      torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])) for g in (0, 2)}
     with pytest.raises(RuntimeError, match="active group"):
-        grouped.loss(batch)
-    perpeft.activate(grouped, 2)
-    grouped.loss(batch).backward()
-    grad = grouped.features["text"].grad
-    assert grad[:, 16:].abs().sum() > 0 and grad[:, :16].abs().sum() == 0
+        grouped.loss(batch[2])
+    for g in (0, 2):
+        before = [t["text"].detach().clone() for t in grouped.tables]
+        optimizer.zero_grad(set_to_none=True)
+        perpeft.activate(grouped, g)
+        grouped.loss(batch[g]).backward()
+        optimizer.step()
+        moved = [not torch.equal(b, t["text"]) for b, t in zip(before, grouped.tables)]
+        assert moved == [h == g for h in range(3)]
+    assert not any(p.requires_grad for p in grouped.inner.features.values())
 
 
 def test_group_samplers_draw_the_groups_own_items():
@@ -122,9 +136,13 @@ def test_group_samplers_draw_the_groups_own_items():
     assert seen[0] == {1, 6} and seen[1] <= {2, 3, 4, 5}
     everything = perpeft.group_samplers(train, assignment, 8, 2, group_negatives=False)
     assert set(everything[0][1].pool.tolist()) == set(range(7))
-    # a user who trained on every item of its group still gets negatives (from all items)
-    saturated = perpeft.group_samplers(train[train[:, 0] != 2], assignment, 8, 2, True)
-    assert set(saturated[0][1].pool.tolist()) == {0, 1, 2, 3, 4, 5}
+    # a user who trained on all but one, or all, of its group's items still gets negatives:
+    # the group's own items while one is found within the rounds, else from all training items
+    for keep in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 6, 7]):
+        samplers = perpeft.group_samplers(train[keep], assignment, 8, 2, True)
+        users = torch.zeros(200, dtype=torch.long)  # user 0, group 0
+        neg = samplers[0][1].sample(users, generator)
+        assert not ({0, 1} & set(neg.tolist())) and set(neg.tolist()) <= set(range(7))
 
 
 def test_perpeft_run_starts_exactly_at_stage1_and_tunes_groups_apart(stage1_run, tmp_path):
@@ -166,13 +184,18 @@ def test_grouped_heads_fuse_blockwise():
     heads = ContentHeads(HeadsConfig(modalities=["image", "text"]), {"image": 4, "text": 6}, 5)
     reference = {m: h.weight.clone() for m, h in heads.heads.items()}
     perpeft.group_heads(heads, 2)
+    assert torch.equal(heads.heads["image"].members[1].weight, reference["image"])
     feats = {"image": torch.randn(3, 4), "text": torch.randn(3, 6)}
-    tiled = perpeft.tile_features(feats, 2)
     with torch.no_grad():
-        fused = heads(tiled)
+        heads.heads["text"].members[1].weight.mul_(2.0)
+        blocks = {m: torch.cat([f, f + 1.0], dim=1) for m, f in feats.items()}
+        fused = heads(blocks)
         assert fused.shape == (3, 10)
-        assert torch.allclose(fused[:, :5], fused[:, 5:])
-        assert torch.equal(heads.heads["image"].members[1].weight, reference["image"])
+        for g in (0, 1):  # block g: the mean of each modality's group-g head on block g
+            own = [heads.heads[m].members[g](blocks[m].chunk(2, dim=1)[g]) for m in feats]
+            assert torch.allclose(fused[:, 5 * g:5 * (g + 1)], torch.stack(own).mean(0))
+        with pytest.raises(ValueError, match="width 4, expected 2 group blocks of 4"):
+            heads(feats)
 
 
 def test_backbone_moments_restored_grouped_heads_start_fresh(stage1_run, tmp_path, monkeypatch):

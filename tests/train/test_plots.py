@@ -69,7 +69,7 @@ def test_perpeft_run_has_a_feature_set_per_group(stage2_run, tmp_path):
     copy = tmp_path / "pp_copy"
     shutil.copytree(tmp_path / "pp", copy)
     state = checkpoint.load(copy / "best.pt")
-    del state["backbone.features.text"]
+    del state["backbone.tables.0.text"]
     checkpoint.save_atomic(state, copy / "best.pt")
     reencoded = stage2_feature_sets(copy)
     for name, (_, after) in sets.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from train.sampling import NegativeSampler, epoch_batches
@@ -31,3 +32,14 @@ def test_batches_cover_epoch_and_are_deterministic():
     got = sorted(zip(torch.cat([x.users for x in a]).tolist(), torch.cat([x.pos for x in a]).tolist()))
     assert got == sorted(map(tuple, train.tolist()))
     assert all(torch.equal(x.neg, y.neg) for x, y in zip(a, b))
+
+
+def test_fallback_draws_for_users_without_a_negative_in_the_pool():
+    train = np.array([[0, 0], [0, 1], [1, 2]])
+    sampler = NegativeSampler(train, 4, np.array([0, 1]), max_rounds=5,
+                              fallback=NegativeSampler(train, 4, np.array([0, 1, 2, 3])))
+    neg = sampler.sample(torch.tensor([0, 0, 1]), torch.Generator().manual_seed(0))
+    assert set(neg[:2].tolist()) <= {2, 3} and neg[2].item() in {0, 1}
+    with pytest.raises(RuntimeError, match="every candidate"):
+        NegativeSampler(train, 4, np.array([0, 1]), max_rounds=5).sample(
+            torch.tensor([0]), torch.Generator().manual_seed(0))
