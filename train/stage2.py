@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from train import checkpoint, perpeft
 from train.backbones import build_backbone
+from train.calibrate import calibrate_heads
 from train.coldstart import run_splits
 from train.config import dump_config, load_config, load_raw
 from train.data import load_dataset
@@ -105,6 +106,9 @@ class Stage2Config(BaseModel):
                              "from; only when stage 1 trained content heads (else the kept state "
                              "would have no cold-start encoder). False: only stage-2 epochs compete")
 
+    recalibrate: bool = Field(True, description="when the stage-1 config calibrates its heads "
+                              "(heads.calibrate), calibrate them again after stage 2 on the best "
+                              "state's tuned features (KT tuning alone serves cold items worse)")
     groups: int = Field(1, ge=1, description="PerPEFT: user groups (k-means on the stage-1 user "
                         "embeddings), each with its own PEFT parameters and content heads and "
                         "its own item vectors (exported as G concatenated blocks); 1 = PTMRec")
@@ -284,7 +288,7 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     seed_everything(cfg.seed)
     dataset = load_dataset(cfg.data.path)
     dataset.features = item_features(cfg.encoders, dataset, device)
-    dataset, split, _ = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
+    dataset, split, calib = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
     inputs = backbone_inputs(dataset, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
     heads = ContentHeads(cfg.heads or HeadsConfig(modalities=s2.modalities),
@@ -311,8 +315,8 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
         frozen = perpeft.tile_features(frozen, s2.groups)
     modules["towers"] = torch.nn.ModuleDict(towers)
     raw = {"image": dataset.items.images, "text": dataset.items.texts, "frozen": frozen}
-    return _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
-                       stage1_run)
+    return _fit_stage2(cfg, s2, dataset, (split, calib), model, heads, towers, raw, modules, out,
+                       device, stage1_run)
 
 
 def start_from(run: Path, cfg, s2: Stage2Config, modules: torch.nn.ModuleDict,
@@ -388,9 +392,31 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
     return restored
 
 
-def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out, device,
+def recalibrate(modules, feats: dict, dataset, splits: tuple, cfg, out: Path) -> dict:
+    """The stage-1 config's head calibration (`heads.calibrate`) again, on the best stage-2 state
+    and its tuned features: tuning moved the heads by KT alone, which serves cold items worse than
+    the calibrated heads did. Returns the report and the new cold-start figures ({} when grouped:
+    PerPEFT heads are not recalibrated)."""
+    split, calib = splits
+    model, heads = modules["backbone"], modules["heads"]
+    if perpeft.grouped(heads):
+        log.warning("heads.calibrate is not applied to PerPEFT's per-group heads")
+        return {}
+    modules.load_state_dict(checkpoint.load(out / BEST))
+    report = calibrate_heads(heads, model, feats, dataset, calib, cfg.optim.batch_size, cfg.seed)
+    checkpoint.save_atomic(dict(modules.state_dict()), out / BEST)
+    extra = {"heads_calibration": report}
+    if split is not None:
+        extra["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
+                                                 cfg.cold_start.ks, cfg.seed)
+    return extra
+
+
+def _fit_stage2(cfg, s2, dataset, splits, model, heads, towers, raw, modules, out, device,
                 stage1_run: Path) -> dict:
-    """Early-stopped stage-2 loop with re-encoding before every validation."""
+    """Early-stopped stage-2 loop with re-encoding before every validation; `splits` are the
+    (cold-start, head-calibration) item splits, each None when not configured."""
+    split, calib = splits
     optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.learning_rate)
     if s2.from_stage1 and s2.resume_optimizer:
         n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
@@ -406,8 +432,11 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
     reencoded = s2.refresh_at_start or s2.init_from is not None
     feats = refresh_features(model, towers, raw, s2, device) if reencoded else dict(raw["frozen"])
 
+    kept_feats = {}
+
     def keep(valid: dict, feats: dict) -> dict:
         """Test (and cold-start) figures of the current state, saved as the best checkpoint."""
+        kept_feats["best"] = feats
         kept = {"valid": valid, "test": evaluate_model(model, test_eval)}
         if split is not None:
             kept["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
@@ -453,6 +482,8 @@ def _fit_stage2(cfg, s2, dataset, split, model, heads, towers, raw, modules, out
             bad += 1
             if bad > s2.patience:
                 break
+    if calib is not None and s2.recalibrate and result:
+        result |= recalibrate(modules, kept_feats["best"], dataset, (split, calib), cfg, out)
     trainable = sum(count_trainable(t)[0] for t in towers.values())
     encoder = sum(count_trainable(t)[1] for t in towers.values())
     metrics = result | {"best_epoch": best_epoch, "epochs_run": len(history),

@@ -228,3 +228,30 @@ def test_lora_dropout_needs_tower_dropout():
         Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1}})
     assert Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1},
                                         "tower_dropout": True}).tower_dropout
+
+
+def test_heads_are_calibrated_again_after_stage2(tmp_path):
+    """A stage-1 config with heads.calibrate gets its heads calibrated again on the tuned
+    features; recalibrate: false keeps the KT-tuned heads."""
+    data = generate(tmp_path / "data", n_users=60, n_items=50, seed=0)
+    cfg = TrainConfig.model_validate({
+        "seed": 0, "data": {"path": str(data)},
+        "encoders": {"text": {"name": "openclip_text", "model": "ptmrec-tiny", "init_seed": 0},
+                     "cache_dir": str(tmp_path / "cache")},
+        "backbone": {"name": "lightgcn", "embedding_size": 16, "n_layers": 1},
+        "heads": {"modalities": ["text"], "rank_weight": 1.0,
+                  "calibrate": {"epochs": 3, "valid_fraction": 0.2}},
+        "cold_start": {"holdout_fraction": 0.2},
+        "optim": {"batch_size": 256, "epochs": 2}, "eval": {"ks": [10, 20]}})
+    run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
+    settings = {"method": {"name": "prompt", "n_ctx": 2, "depth": 2}, "modalities": ["text"],
+                "kt_batch_size": 16, "kt_steps_per_epoch": 2, "epochs": 1, "keep_start": False}
+    again = run_stage2(tmp_path / "run", Stage2Config.model_validate(settings), tmp_path / "a",
+                       torch.device("cpu"))
+    as_tuned = run_stage2(tmp_path / "run", Stage2Config.model_validate(
+        settings | {"recalibrate": False}), tmp_path / "b", torch.device("cpu"))
+    assert again["heads_calibration"]["withheld_items"] > 0 and "heads_calibration" not in as_tuned
+    assert again["test"] == as_tuned["test"]  # the backbone is the same best state
+    heads = [checkpoint.load(tmp_path / d / "best.pt")["heads.heads.text.weight"] for d in "ab"]
+    assert not torch.equal(*heads)
+    assert again["cold_start"]["heads"] != as_tuned["cold_start"]["heads"]
