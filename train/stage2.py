@@ -192,10 +192,7 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     tables = getattr(model, "features", {})
     for m, f in tuned.items():
         if m in tables and tables[m].shape == f.shape:
-            if isinstance(model, perpeft.GroupedBackbone):
-                model.set_features(m, f)
-            else:
-                tables[m].data.copy_(f)
+            model.set_features(m, f)
     return feats
 
 

@@ -43,5 +43,9 @@ class Backbone(nn.Module):
         """Ego (layer-0) ID embeddings: the "personalised matching patterns" of PTMRec."""
         return self.embeddings()
 
+    def set_features(self, modality: str, features: torch.Tensor) -> None:
+        """Overwrite the item-feature table of a modality (stage 2's re-encoded items)."""
+        self.features[modality].data.copy_(features)
+
     def on_epoch_start(self, generator: torch.Generator) -> None:
         """Hook run before each training epoch (FREEDOM re-samples its pruned graph here)."""
