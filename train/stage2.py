@@ -370,6 +370,9 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         stage1["heads"] = modules["heads"]
     named = list(torch.nn.ModuleDict(stage1).named_parameters())
     moments = {named[i][0]: state for i, state in saved.items() if i < len(named)}
+    if isinstance(backbone, perpeft.GroupedBackbone):  # each group's tables continue stage 1's
+        named += [(f"backbone.features.{m}", param) for table in backbone.tables
+                  for m, param in table.items()]
     restored = 0
     for name, param in named:
         state = moments.get(name)
@@ -378,14 +381,6 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
                                   for k, v in state.items()}
         restored += 1
-    if isinstance(backbone, perpeft.GroupedBackbone):  # each group's tables continue stage 1's
-        for table in backbone.tables:
-            for m, param in table.items():
-                state = moments.get(f"backbone.features.{m}")
-                if state is not None and param.requires_grad:
-                    optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v)
-                                              else v for k, v in state.items()}
-                    restored += 1
     return restored
 
 
