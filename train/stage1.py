@@ -80,6 +80,26 @@ def cold_start_metrics(model, heads: ContentHeads, features: dict[str, torch.Ten
                                                     train, split, ks)}
 
 
+def calibrate_best(modules: torch.nn.ModuleDict, features: dict[str, torch.Tensor],
+                   dataset: Dataset, splits: tuple[ColdSplit | None, ColdSplit | None],
+                   cfg: TrainConfig, best: Path) -> dict:
+    """Load the best checkpoint into modules {"backbone", "heads"}; with a calibration split,
+    calibrate the heads against that backbone (heads.calibrate) and save the checkpoint back; with
+    a cold-start split, measure cold start. Returns {"heads_calibration", "cold_start"} as run."""
+    split, calib = splits
+    model, heads = modules["backbone"], modules["heads"]
+    modules.load_state_dict(checkpoint.load(best))
+    out = {}
+    if calib is not None:
+        out["heads_calibration"] = calibrate_heads(heads, model, features, dataset, calib,
+                                                   cfg.optim.batch_size, cfg.seed)
+        checkpoint.save_atomic(modules.state_dict(), best)
+    if split is not None:
+        out["cold_start"] = cold_start_metrics(model, heads, features, dataset, split,
+                                               cfg.cold_start.ks, cfg.seed)
+    return out
+
+
 def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False,
                max_epochs_this_call: int | None = None,
                features: dict[str, np.ndarray] | None = None,
@@ -120,14 +140,8 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     metrics = metrics_summary(state)
     if heads is not None and (calib is not None or split is not None):
         modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
-        modules.load_state_dict(checkpoint.load(run_dir / BEST))
-        if calib is not None:
-            metrics["heads_calibration"] = calibrate_heads(
-                heads, model, inputs.features, dataset, calib, cfg.optim.batch_size, cfg.seed)
-            checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
-        if split is not None:
-            metrics["cold_start"] = cold_start_metrics(model, heads, inputs.features, dataset,
-                                                       split, cfg.cold_start.ks, cfg.seed)
+        metrics |= calibrate_best(modules, inputs.features, dataset, (split, calib), cfg,
+                                  run_dir / BEST)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     plot_curves(state.history, run_dir / "plots" / "curves.png", cfg.eval.valid_metric)
     return metrics

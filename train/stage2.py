@@ -44,7 +44,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from train import checkpoint, perpeft
 from train.backbones import build_backbone
-from train.calibrate import calibrate_heads
 from train.coldstart import run_splits
 from train.config import dump_config, load_config, load_raw
 from train.data import load_dataset
@@ -57,7 +56,8 @@ from train.fit import BEST, CHECKPOINT, batch_to, evaluate_model
 from train.heads import ContentHeads, HeadsConfig
 from train.losses import bpr_loss, knowledge_transfer
 from train.sampling import NegativeSampler, epoch_batches
-from train.stage1 import backbone_inputs, cold_start_metrics, metrics_table, seed_everything
+from train.stage1 import (backbone_inputs, calibrate_best, cold_start_metrics, metrics_table,
+                          seed_everything)
 
 log = logging.getLogger(__name__)
 STAGE1_CONFIG = "stage1_config.yaml"  # the stage-1 run's config, for the exporter
@@ -384,26 +384,6 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
     return restored
 
 
-def recalibrate(modules, feats: dict, dataset, splits: tuple, cfg, out: Path) -> dict:
-    """The stage-1 config's head calibration (`heads.calibrate`) again, on the best stage-2 state
-    and its tuned features: tuning moved the heads by KT alone, which serves cold items worse than
-    the calibrated heads did. Returns the report and the new cold-start figures ({} when grouped:
-    PerPEFT heads are not recalibrated)."""
-    split, calib = splits
-    model, heads = modules["backbone"], modules["heads"]
-    if perpeft.grouped(heads):
-        log.warning("heads.calibrate is not applied to PerPEFT's per-group heads")
-        return {}
-    modules.load_state_dict(checkpoint.load(out / BEST))
-    report = calibrate_heads(heads, model, feats, dataset, calib, cfg.optim.batch_size, cfg.seed)
-    checkpoint.save_atomic(dict(modules.state_dict()), out / BEST)
-    extra = {"heads_calibration": report}
-    if split is not None:
-        extra["cold_start"] = cold_start_metrics(model, heads, feats, dataset, split,
-                                                 cfg.cold_start.ks, cfg.seed)
-    return extra
-
-
 def _fit_stage2(cfg, s2, dataset, splits, model, heads, towers, raw, modules, out, device,
                 stage1_run: Path) -> dict:
     """Early-stopped stage-2 loop with re-encoding before every validation; `splits` are the
@@ -474,8 +454,14 @@ def _fit_stage2(cfg, s2, dataset, splits, model, heads, towers, raw, modules, ou
             bad += 1
             if bad > s2.patience:
                 break
+    # KT tuning alone serves cold items worse than the stage-1 config's calibrated heads did:
+    # calibrate them again on the best state's tuned features (not PerPEFT's per-group heads)
     if calib is not None and s2.recalibrate and result:
-        result |= recalibrate(modules, kept_feats["best"], dataset, (split, calib), cfg, out)
+        if perpeft.grouped(heads):
+            log.warning("heads.calibrate is not applied to PerPEFT's per-group heads")
+        else:
+            result |= calibrate_best(modules, kept_feats["best"], dataset, (split, calib), cfg,
+                                     out / BEST)
     trainable = sum(count_trainable(t)[0] for t in towers.values())
     encoder = sum(count_trainable(t)[1] for t in towers.values())
     metrics = result | {"best_epoch": best_epoch, "epochs_run": len(history),
