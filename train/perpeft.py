@@ -209,16 +209,26 @@ class GroupedBackbone(Backbone):
         self.inner.on_epoch_start(generator)
 
 
+def grouped_parts(*trees: nn.Module) -> list[nn.Module]:
+    """The grouped modules (towers, heads, backbone) inside module trees."""
+    return [m for tree in trees for m in tree.modules()
+            if isinstance(m, (_GroupedModule, GroupedBackbone))]
+
+
 def grouped(module: nn.Module) -> bool:
     """Whether a module tree holds grouped modules."""
-    return any(isinstance(m, (_GroupedModule, GroupedBackbone)) for m in module.modules())
+    return bool(grouped_parts(module))
+
+
+def set_active(parts: list[nn.Module], group: int | None) -> None:
+    """Set the active group (None: all, concatenated) of grouped modules (`grouped_parts`)."""
+    for m in parts:
+        m.active = group
 
 
 def activate(module: nn.Module, group: int | None) -> None:
-    """Set the active group (None: all, concatenated) of every grouped module in a tree."""
-    for m in module.modules():
-        if isinstance(m, (_GroupedModule, GroupedBackbone)):
-            m.active = group
+    """Set the active group of every grouped module in a tree."""
+    set_active(grouped_parts(module), group)
 
 
 def group_heads(heads: nn.Module, groups: int) -> nn.Module:

@@ -251,14 +251,13 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
     batch, the tuning loss (KT or BPR) on the first `step_cap` batches; a group's batch runs its
     own members of the grouped modules, so only they get gradients."""
     targets = group_targets(model, s2.groups)
-    tree = [model, heads, *towers.values()]
+    parts = perpeft.grouped_parts(model, heads, *towers.values())  # found once, not per batch
     total, n = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for n, (group, batch) in enumerate(batches, start=1):
         batch = batch_to(batch, device)
         if group is not None:
-            for module in tree:
-                perpeft.activate(module, group)
+            perpeft.set_active(parts, group)
         loss = model.loss(batch)
         if s2.kt_weight > 0 and n <= step_cap:
             loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets[group or 0],
@@ -269,8 +268,7 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
             optimizer.zero_grad(set_to_none=True)
         total += loss.item()
     optimizer.step()
-    for module in tree:
-        perpeft.activate(module, None)
+    perpeft.set_active(parts, None)
     return total / max(1, n)
 
 
