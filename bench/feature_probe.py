@@ -71,7 +71,8 @@ def kt_tuned_text(cfg, dataset, model, args, device):
 
     from train.heads import ContentHeads, HeadsConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers, encode, head_vectors
+    from train.stage2 import Stage2Config, build_towers
+    from train.tuning import encode, head_vectors
 
     s2 = Stage2Config.model_validate({"method": METHOD_CONFIGS[args.method],
                                       "modalities": ["text"], "encode_batch_size": 16,

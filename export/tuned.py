@@ -31,7 +31,8 @@ from train.config import TrainConfig, load_config
 from train.encoders.base import Tower
 from train.encoders.peft_methods import PEFT_METHODS, merge_peft
 from train.perpeft import GroupedTower
-from train.stage2 import STAGE1_CONFIG, Stage2Config, encode
+from train.stage2 import STAGE1_CONFIG, Stage2Config
+from train.tuning import encode
 
 STAGE2_YAML = "stage2.yaml"
 STAGE1_YAML = "config.yaml"

@@ -119,7 +119,8 @@ def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarra
     from train.data import load_dataset
     from train.features import item_features
     from train.fit import BEST
-    from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers, encode
+    from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers
+    from train.tuning import encode
 
     device = device or torch.device("cpu")
     for name in ("stage2.yaml", STAGE1_CONFIG, BEST):

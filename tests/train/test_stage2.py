@@ -13,9 +13,9 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import (TUNING_LOSSES, Stage2Config, build_towers, encode, main,
-                          param_groups, run_stage2)
+from train.stage2 import Stage2Config, build_towers, main, param_groups, run_stage2
 from train.synthetic import generate
+from train.tuning import TUNING_LOSSES, encode
 
 
 def _stage1(root, heads: bool):
@@ -205,7 +205,7 @@ def test_tower_dropout_switch(dropout):
     items agree) and its LoRA parameters still get gradients; true: dropout is active."""
     from train.encoders import MiniLMConfig
     from train.features import EncodersConfig
-    from train.stage2 import head_vectors
+    from train.tuning import head_vectors
 
     s2 = Stage2Config.model_validate({"method": {"name": "lora", "r": 4}, "modalities": ["text"],
                                       "tower_dropout": dropout, "encode_batch_size": 4})

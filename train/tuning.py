@@ -1,0 +1,139 @@
+"""The stage-2 tuning step (train/stage2.py runs it): encoding items with the tuned towers, the
+tuning losses that reach the prompts / adapters and heads (PTMRec's KT, or BPR for the ablation
+without KT), and one training epoch of (user group, batch) pairs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from train import perpeft
+from train.fit import batch_to
+from train.losses import bpr_loss, knowledge_transfer
+
+if TYPE_CHECKING:
+    from train.stage2 import Stage2Config
+
+
+def length_order(tower, raw: list) -> list[int] | None:
+    """Indices of text items by length (batches padded to their longest then waste little);
+    None for other modalities."""
+    if getattr(tower, "modality", None) != "text":
+        return None
+    return sorted(range(len(raw)), key=lambda j: len(raw[j] or ""))
+
+
+def encode(tower, raw: list, batch_size: int, device: torch.device, grad: bool,
+           bf16: bool = False) -> torch.Tensor:
+    """Encode raw items in batches (texts grouped by length), (N, d) on device in input order;
+    bf16 autocast on CUDA, and on CPU too when `bf16`."""
+    order = length_order(tower, raw)
+    items = raw if order is None else [raw[j] for j in order]
+    out = []
+    with torch.set_grad_enabled(grad):
+        for s in range(0, len(items), batch_size):
+            prepared = tower.prepare_counted(items[s:s + batch_size])[0]
+            prepared = ({k: v.to(device) for k, v in prepared.items()}
+                        if isinstance(prepared, dict) else prepared.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=device.type == "cuda" or bf16):
+                out.append(tower(prepared).float())
+    feats = torch.cat(out)
+    if order is None:
+        return feats
+    inverse = torch.empty(len(order), dtype=torch.long, device=feats.device)
+    index = torch.tensor(order, device=feats.device)
+    inverse[index] = torch.arange(len(order), device=feats.device)
+    return feats.index_select(0, inverse)
+
+
+def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, torch.Tensor]:
+    """Re-encode every item with the tuned towers (frozen features for the other modalities)
+    and write the result into the backbone's feature tables."""
+    for t in towers.values():
+        t.eval()
+    tuned = {m: encode(t, raw[m], s2.encode_batch_size, device, grad=False, bf16=s2.cpu_bf16)
+             for m, t in towers.items()}
+    feats = raw["frozen"] | tuned
+    tables = getattr(model, "features", {})
+    for m, f in tuned.items():
+        if m in tables and tables[m].shape == f.shape:
+            model.set_features(m, f)
+    return feats
+
+
+def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Config,
+                 device) -> torch.Tensor:
+    """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once."""
+    uniq, inverse = torch.unique(items, return_inverse=True)
+    tower.train(s2.tower_dropout)  # eval mode: no dropout in the frozen base, grads still flow
+    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode_batch_size, device, grad=True,
+               bf16=s2.cpu_bf16)
+    return heads.heads[m](f)[inverse.to(f.device)]
+
+
+def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
+    """KT loss Σ_m KL(p_id || p_m) of the first kt_batch_size pairs."""
+    users, pos = batch.users[:s2.kt_batch_size], batch.pos[:s2.kt_batch_size]
+    u, i = targets[0][users].detach(), targets[1][pos].detach()
+    loss = torch.zeros((), device=device)
+    for m, tower in towers.items():
+        item_m = head_vectors(heads, tower, m, raw, pos, s2, device)
+        loss = loss + knowledge_transfer(u, i, u, item_m)
+    return s2.kt_weight * loss
+
+
+def bpr_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
+    """Ablation without KT: Σ_m BPR(u · head_m(f_m(pos)), u · head_m(f_m(neg))) of the first
+    kt_batch_size triples, u detached from the backbone."""
+    k = s2.kt_batch_size
+    users, items = batch.users[:k], torch.cat([batch.pos[:k], batch.neg[:k]])
+    u = targets[0][users].detach()
+    loss = torch.zeros((), device=device)
+    for m, tower in towers.items():
+        pos, neg = head_vectors(heads, tower, m, raw, items, s2, device).chunk(2)
+        loss = loss + bpr_loss((u * pos).sum(1), (u * neg).sum(1))
+    return s2.kt_weight * loss
+
+
+TUNING_LOSSES = {"kt": kt_step_loss, "bpr": bpr_step_loss}
+
+
+def group_targets(model, groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Detached (users, items) snapshot per group (one entry when ungrouped): the KT targets."""
+    with torch.no_grad():
+        if groups == 1:
+            return [model.embeddings()]
+        targets = []
+        for g in range(groups):
+            perpeft.activate(model, g)
+            targets.append(model.embeddings())
+        perpeft.activate(model, None)
+        return targets
+
+
+def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
+    """One epoch of (group, batch) pairs (group None when ungrouped): backbone loss on every
+    batch, the tuning loss (KT or BPR) on the first `step_cap` batches; a group's batch runs its
+    own members of the grouped modules, so only they get gradients."""
+    targets = group_targets(model, s2.groups)
+    parts = perpeft.grouped_parts(model, heads, *towers.values())  # found once, not per batch
+    total, n = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for n, (group, batch) in enumerate(batches, start=1):
+        batch = batch_to(batch, device)
+        if group is not None:
+            perpeft.set_active(parts, group)
+        loss = model.loss(batch)
+        if s2.kt_weight > 0 and n <= step_cap:
+            loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets[group or 0],
+                                                        batch, s2, device)
+        (loss / s2.grad_accumulation).backward()
+        if n % s2.grad_accumulation == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.item()
+    optimizer.step()
+    perpeft.set_active(parts, None)
+    return total / max(1, n)
