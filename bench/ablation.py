@@ -19,6 +19,10 @@ as a markdown table, and writes a bar chart (--png, default <out>/ablation.png).
 
 Usage (CPU-feasible caps):
   .venv/bin/python bench/ablation.py --backbones lightgcn_mm --seeds 999 --epochs 2 --kt-steps 4
+At Baby-like training density (a sparse copy of ml100k_mm from bench/sparse_data.py):
+  .venv/bin/python bench/ablation.py --data runs/bench/data/ml100k_sparse6 \
+      --stage1-root runs/bench/ml100k_sparse6 --out runs/bench/stage2_sparse6 \
+      --backbones lightgcn_mm_text freedom_text --variants frozen full no_kt
 Runs are shared with bench/peft_table.py (the same stage-2 config lands in the same directory).
 """
 from __future__ import annotations
@@ -86,7 +90,8 @@ def summary(runs: list[dict], split: str) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def bar_chart(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
+def bar_chart(results: dict[str, dict[str, list[dict]]], path: Path,
+              dataset: str = "ml100k_mm") -> None:
     """Grouped bars: test Recall@20 per backbone and variant, std as error bars."""
     import matplotlib
 
@@ -108,7 +113,7 @@ def bar_chart(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
     stats = [summary(r, "test") for b in backbones for r in results[b].values()]
     ax.set_ylim(max(0.0, min(m - s for m, s in stats) * 0.95), max(m + s for m, s in stats) * 1.02)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-    ax.set_title("PTMRec ablation, ml100k_mm (text tower tuned)")
+    ax.set_title(f"PTMRec ablation, {dataset} (text tower tuned)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -150,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{fmt([r['test']['ndcg@20'] for r in runs])} | {delta} | {epochs:.0f} |")
             print(rows[-1], flush=True)
     png = args.png or args.out / "ablation.png"
-    bar_chart(results, png)
-    print(f"\nml100k_mm, seeds {args.seeds}; test at the best validation epoch; chart: {png}\n")
+    bar_chart(results, png, args.data.name)
+    print(f"\n{args.data.name}, seeds {args.seeds}; test at the best validation epoch; chart: {png}\n")
     print("| backbone | variant | test R@20 | valid R@20 | test NDCG@20 | test R@20 - frozen "
           "(paired by seed) | epochs run |")
     print("|---" * 7 + "|")
