@@ -331,6 +331,10 @@ def _fit_stage2(cfg, s2, dataset, splits, model, heads, towers, raw, modules, ou
             bad += 1
             if bad > s2.patience:
                 break
+    worse = below_start(start_valid, best, cfg.eval.valid_metric)
+    if worse:
+        log.warning("%s: the run it started from, %s, serves warm users better", worse,
+                    s2.init_from or stage1_run)
     # KT tuning alone serves cold items worse than the stage-1 config's calibrated heads did:
     # calibrate them again on the best state's tuned features (not PerPEFT's per-group heads)
     if calib is not None and s2.recalibrate and result:
@@ -354,6 +358,16 @@ def _fit_stage2(cfg, s2, dataset, splits, model, heads, towers, raw, modules, ou
                         "encoder_params": encoder, "trainable_share": trainable / max(1, encoder)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
+
+
+def below_start(start_valid: dict | None, best: float, metric: str) -> str | None:
+    """Why the returned state is worse on validation than the state stage 2 loaded, or None.
+    Only possible when the start did not compete (keep_start off, or a stage-1 run without
+    content heads, whose state has no cold-start encoder to export)."""
+    if start_valid is None or not best < start_valid[metric]:
+        return None
+    return (f"stage 2's best epoch validates below the state it started from ({metric} "
+            f"{best:.4f} < {start_valid[metric]:.4f})")
 
 
 def main(argv: list[str] | None = None) -> int:

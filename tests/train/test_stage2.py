@@ -13,7 +13,8 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, build_towers, main, param_groups, run_stage2
+from train.stage2 import (Stage2Config, below_start, build_towers, main, param_groups,
+                          run_stage2)
 from train.synthetic import generate
 from train.tuning import TUNING_LOSSES, encode
 
@@ -87,6 +88,18 @@ def test_start_state_without_heads_is_not_kept(tmp_path):
                                       "kt_steps_per_epoch": 1, "epochs": 1, "learning_rate": 0.0})
     metrics = run_stage2(run, s2, tmp_path / "s2", torch.device("cpu"))
     assert metrics["start_valid"] is not None and metrics["best_epoch"] == 0
+    # nothing moved (lr 0, IA3 starts as the identity): validation equals the start, no warning
+    metric = "recall@20"
+    assert below_start(metrics["start_valid"], metrics["valid"][metric], metric) is None
+
+
+def test_below_start_names_both_figures():
+    start = {"recall@20": 0.1030}
+    assert below_start(None, 0.05, "recall@20") is None  # joint training: no start state
+    assert below_start(start, 0.1030, "recall@20") is None
+    assert below_start(start, 0.1031, "recall@20") is None
+    why = below_start(start, 0.0978, "recall@20")
+    assert "recall@20 0.0978 < 0.1030" in why
 
 
 def test_cli_and_missing_encoders(stage1_run, tmp_path, capsys):
