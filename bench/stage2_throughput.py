@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import queue as queue_mod
 import statistics
 import sys
 import time
@@ -124,7 +125,7 @@ def measure(tower_name: str, modality: str, enc: dict, method: str, args) -> dic
 
     def step() -> None:
         grad = METHODS[method] is not None
-        tower.train(grad)
+        tower.train(False)  # as stage 2 tunes (tower_dropout off): PEFT grads, no base dropout
         with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=torch.bfloat16,
                                                           enabled=bf16):
             feats = run(prepared).float()
@@ -176,7 +177,15 @@ def run_isolated(tower_name: str, modality: str, enc: dict, method: str, args) -
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, tower_name, modality, enc, method, args))
     proc.start()
-    row = queue.get()
+    while True:  # a child killed hard (OOM, CUDA abort) never puts a row: do not wait forever
+        try:
+            row = queue.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                row = {"tower": tower_name, "modality": modality, "method": method,
+                       "error": f"the measuring process died (exit code {proc.exitcode})"}
+                break
     proc.join()
     return row
 

@@ -15,6 +15,7 @@ exports G-block vectors (train/perpeft.py) and records `user_groups` in the mani
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -257,7 +258,7 @@ def export_encoders(run: Run, workdir: Path, quantize: str | None, exporter: str
     exported = {m: tuned.deployable(t, run.tuning) if m in run.towers else t
                 for m, t in towers.items()}
     references = {m: towers[m] if exported[m] is not towers[m] else None for m in towers}
-    heads = {m: run.heads.heads[m].cpu() for m in towers}
+    heads = {m: copy.deepcopy(run.heads.heads[m]).cpu() for m in towers}  # the run's stay put
     metrics, vectors, schemes, kind, names = {}, {}, {}, "bert", []
     if "image" in towers:
         images = [run.full.items.images[i] for i in sample]

@@ -35,6 +35,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run_device(run_dir: Path) -> torch.device:
+    """The device a finished run's config asks for (`device:`; 'auto' when it has no config)."""
+    path = run_dir / "config.yaml"
+    return pick_device(load_config(path).device if path.is_file() else "auto")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -54,8 +54,8 @@ def calibrate_heads(heads: ContentHeads, model: Backbone, features: dict[str, to
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.learning_rate,
                                  weight_decay=cfg.weight_decay)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CUDA heads draw
+        torch.manual_seed(seed)                                           # from the CUDA RNG
         heads.reset_parameters()
     history = [measure()]
     best, best_epoch, best_state, bad = history[0], 0, copy.deepcopy(heads.state_dict()), 0

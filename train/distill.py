@@ -262,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from train.__main__ import run_device  # the CLI module imports the trainers, not vice versa
+
     try:
-        metrics = run_distill(args.teacher, dcfg, args.out, device, args.resume)
+        metrics = run_distill(args.teacher, dcfg, args.out, run_device(args.teacher), args.resume)
     except (FileNotFoundError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,10 @@ def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> N
     """Write the resumable checkpoint of the last finished epoch."""
     checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                            "torch_rng": torch.get_rng_state(), "state": state.__dict__},
+                            "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": (torch.cuda.get_rng_state_all()
+                                         if torch.cuda.is_initialized() else None),
+                            "state": state.__dict__},
                            run_dir / CHECKPOINT)
 
 
@@ -89,6 +92,8 @@ def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
     scheduler.load_state_dict(ck["scheduler"])
     generator.set_state(ck["generator"])
     torch.set_rng_state(ck["torch_rng"])
+    if ck.get("cuda_rng") is not None and torch.cuda.is_available():  # SMORE dropout, distill
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])                  # negatives draw on CUDA
     log.info("resumed from %s after epoch %d", run_dir / CHECKPOINT, ck["state"]["epoch"])
     return FitState(**ck["state"])
 

@@ -255,8 +255,9 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
         state = moments.get(name)
         if state is None or not param.requires_grad or state["exp_avg"].shape != param.shape:
             continue
-        optimizer.state[param] = {k: v.clone().to(param.device) if torch.is_tensor(v) else v
-                                  for k, v in state.items()}
+        optimizer.state[param] = {  # Adam keeps `step` on the CPU (else a GPU sync per step)
+            k: (v.clone() if k == "step" else v.clone().to(param.device))
+            if torch.is_tensor(v) else v for k, v in state.items()}
         restored += 1
     return restored
 
@@ -381,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     s2 = Stage2Config.model_validate(load_raw(args.config, args.overrides))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = run_stage2(args.run, s2, args.out, device)
+    from train.__main__ import run_device  # the CLI module imports the trainers, not vice versa
+
+    metrics = run_stage2(args.run, s2, args.out, run_device(args.run))
     stage1 = json.loads((args.run / "metrics.json").read_text())
     print("\nstage 1 (frozen encoders):\n" + metrics_table(stage1))
     print(f"\nstage 2 ({s2.method.name}, {metrics['trainable_share']:.3%} of encoder params):\n"

@@ -133,7 +133,8 @@ def create_clip(cfg: OpenClipWeights) -> open_clip.CLIP:
     if cfg.pretrained is not None:
         model = _from_pretrained_tag(cfg.model, cfg.pretrained)
     else:
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed also seeds every CUDA device: fork and restore them all, not only the CPU
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(cfg.init_seed or 0)
             model = open_clip.create_model(cfg.model, pretrained=None)
         if cfg.checkpoint is not None:
