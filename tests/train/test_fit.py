@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from train.__main__ import main
+from train.__main__ import main, run_device
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 
@@ -86,6 +86,19 @@ def test_cli_errors(tmp_path, capsys):
     ok.write_text(f"data: {{path: {tmp_path / 'd'}}}\nbackbone: {{name: bpr}}\n")
     assert main(["--config", str(ok), "--out", str(tmp_path / "r")]) == 2
     assert "d.inter:2: itemID is not an integer" in capsys.readouterr().err
+
+
+def test_follow_up_clis_use_the_runs_device(tmp_path):
+    """stage 2 and distillation run on the device their run's config names (auto without one)."""
+    (tmp_path / "config.yaml").write_text("data: {path: x}\nbackbone: {name: bpr}\ndevice: cpu\n")
+    assert run_device(tmp_path) == torch.device("cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert run_device(tmp_path / "no_such_run").type == auto
+    if not torch.cuda.is_available():
+        (tmp_path / "config.yaml").write_text("data: {path: x}\nbackbone: {name: bpr}\n"
+                                              "device: cuda\n")
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            run_device(tmp_path)
 
 
 def test_valid_metric_must_be_evaluated():
