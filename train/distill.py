@@ -201,7 +201,9 @@ def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch
     teacher = load_run(teacher_dir, device)
     with torch.no_grad():
         t_users, t_items = (t.detach().float() for t in teacher.model.embeddings())
-    cfg = student_config(teacher.cfg, dcfg)
+    t_cfg, t_metrics = teacher.cfg, teacher.metrics
+    del teacher  # its backbone, heads and towers need not stay in (GPU) memory meanwhile
+    cfg = student_config(t_cfg, dcfg)
     report: dict = {}
 
     def wrap(student: Backbone, inputs: BackboneInputs) -> Backbone:
@@ -226,9 +228,9 @@ def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch
     d_student = dcfg.student.embedding_size
     d_teacher = t_items.shape[1]
     metrics["distill"] = report | {
-        "teacher": str(teacher_dir), "teacher_backbone": teacher.cfg.backbone.name,
-        "teacher_test": teacher.metrics.get("test", {}),
-        "teacher_valid": teacher.metrics.get("valid", {}),
+        "teacher": str(teacher_dir), "teacher_backbone": t_cfg.backbone.name,
+        "teacher_test": t_metrics.get("test", {}),
+        "teacher_valid": t_metrics.get("valid", {}),
         "teacher_dim": d_teacher, "student_dim": d_student,
         "item_vector_bytes": {"teacher": 4 * d_teacher, "student": 4 * d_student},
         "config": dcfg.model_dump(mode="json"), "wall_seconds": time.perf_counter() - start}
