@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
-import queue as queue_mod
 import statistics
 import sys
 import time
@@ -35,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.spawned import spawned_row  # noqa: E402
 
 BABY_PAIRS = 119_674
 TARGET_EPOCH_S = 60.0
@@ -173,21 +173,8 @@ def _child(queue, tower_name, modality, enc, method, args) -> None:
 
 def run_isolated(tower_name: str, modality: str, enc: dict, method: str, args) -> dict:
     """measure() in a fresh spawned process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, tower_name, modality, enc, method, args))
-    proc.start()
-    while True:  # a child killed hard (OOM, CUDA abort) never puts a row: do not wait forever
-        try:
-            row = queue.get(timeout=5)
-            break
-        except queue_mod.Empty:
-            if not proc.is_alive():
-                row = {"tower": tower_name, "modality": modality, "method": method,
-                       "error": f"the measuring process died (exit code {proc.exitcode})"}
-                break
-    proc.join()
-    return row
+    return spawned_row(_child, (tower_name, modality, enc, method, args),
+                       {"tower": tower_name, "modality": modality, "method": method})
 
 
 def baby_epoch_s(items_per_s: float, batch: int) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import multiprocessing as mp
 import resource
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pydantic import TypeAdapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.spawned import spawned_row  # noqa: E402
 from train.backbones import MULTIMODAL, BackboneConfig, BackboneInputs, build_backbone  # noqa: E402
 from train.data import load_dataset  # noqa: E402
 from train.evaluate import Evaluator  # noqa: E402
@@ -152,18 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--malloc-tuning", action="store_true",
                         help="reuse freed large blocks (glibc mallopt) instead of fresh mmaps")
     args = parser.parse_args(argv)
-    ctx = mp.get_context("spawn")
     lines = ["| dataset | model | build s | epoch s | eval s | peak RSS MiB | MMRec epoch + eval s "
              "| speed-up vs MMRec |", "|---|---|---|---|---|---|---|---|"]
     for dataset in args.datasets:
         for spec in args.models:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(queue, args.data_root / DATASETS[dataset], spec,
-                                                    args.epochs, args.threads, args.fused_adam,
-                                                    args.malloc_tuning))
-            proc.start()
-            result = queue.get()
-            proc.join()
+            result = spawned_row(_child, (args.data_root / DATASETS[dataset], spec, args.epochs,
+                                          args.threads, args.fused_adam, args.malloc_tuning),
+                                 {"model": spec})
             lines.append(row(dataset, result))
             print(lines[-1], file=sys.stderr, flush=True)
     print(f"\n{args.epochs} epochs, {args.threads} threads, "
