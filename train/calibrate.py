@@ -21,7 +21,7 @@ from train.coldstart import ColdSplit, evaluate_cold
 from train.data import Dataset
 from train.fit import batch_to, heads_batch_loss, kt_targets
 from train.heads import ContentHeads
-from train.sampling import NegativeSampler, epoch_batches
+from train.sampling import NegativeSampler, epoch_batches, seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def calibrate_heads(heads: ContentHeads, model: Backbone, features: dict[str, to
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(heads.parameters(), lr=cfg.learning_rate,
                                  weight_decay=cfg.weight_decay)
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # CUDA heads draw
-        torch.manual_seed(seed)                                           # from the CUDA RNG
+    with seeded_torch(seed):  # heads on CUDA draw from the CUDA RNG: seeded and restored too
         heads.reset_parameters()
     history = [measure()]
     best, best_epoch, best_state, bad = history[0], 0, copy.deepcopy(heads.state_dict()), 0

@@ -6,10 +6,21 @@ Negatives are uniform over the items of the TRAIN split and never in the user's 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """A block whose torch draws (CPU, and every CUDA device: torch.manual_seed seeds them all)
+    start from `seed`; the global RNG states are restored on exit, so the caller's stream goes on
+    as if the block had not run."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass

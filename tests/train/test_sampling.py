@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.sampling import NegativeSampler, epoch_batches
+from train.sampling import NegativeSampler, epoch_batches, seeded_torch
 
 
 def test_negatives_valid_and_uniform():
@@ -43,3 +43,16 @@ def test_fallback_draws_for_users_without_a_negative_in_the_pool():
     with pytest.raises(RuntimeError, match="every candidate"):
         NegativeSampler(train, 4, np.array([0, 1]), max_rounds=5).sample(
             torch.tensor([0]), torch.Generator().manual_seed(0))
+
+
+def test_seeded_torch_draws_from_its_seed_and_restores_the_stream():
+    torch.manual_seed(1)
+    expected_next = (torch.rand(3), torch.rand(3))[1]
+    torch.manual_seed(1)
+    first = torch.rand(3)
+    with seeded_torch(5):
+        inside = torch.rand(3)
+    with seeded_torch(5):
+        assert torch.equal(torch.rand(3), inside)
+    assert not torch.equal(inside, first)
+    assert torch.equal(torch.rand(3), expected_next)  # as if the blocks had not run

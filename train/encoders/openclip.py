@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from train.encoders.base import Strict, TokenState, Tower
 from train.encoders.preprocess import PreprocessSpec, preprocess_images
+from train.sampling import seeded_torch
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ def create_clip(cfg: OpenClipWeights) -> open_clip.CLIP:
     if cfg.pretrained is not None:
         model = _from_pretrained_tag(cfg.model, cfg.pretrained)
     else:
-        # manual_seed also seeds every CUDA device: fork and restore them all, not only the CPU
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(cfg.init_seed or 0)
+        with seeded_torch(cfg.init_seed or 0):
             model = open_clip.create_model(cfg.model, pretrained=None)
         if cfg.checkpoint is not None:
             state = load_state_dict_safely(cfg.checkpoint)
