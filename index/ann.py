@@ -38,12 +38,12 @@ costs more than the search. Never `downcast_index` an owned object: its temporar
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from index.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -378,15 +378,8 @@ def _fill(dst_scores: np.ndarray, dst_ids: np.ndarray, scores: np.ndarray,
 
 def save(index: faiss.Index, path: str | Path) -> None:
     """Write the index (CPU form) atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(_to_cpu(index), str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load(path: str | Path, use_gpu: bool | None = None) -> faiss.Index:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from index.atomic import fsync_path, write_text
 from index.manifest import MANIFEST_NAME, FileEntry, Manifest
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,6 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _hash_all(paths: list[Path]) -> list[str]:
     """sha256 of several files, in parallel threads (hashlib releases the GIL)."""
     if len(paths) <= 1:
@@ -128,7 +120,7 @@ def _describe_files(tmp: Path) -> dict[str, FileEntry]:
         if p.name == MANIFEST:
             raise BundleError(f"bundle writer must not write {MANIFEST} itself")
     for p in entries:
-        _fsync_path(p)
+        fsync_path(p)
     digests = _hash_all(entries)
     return {p.name: FileEntry(sha256=h, bytes=p.stat().st_size) for p, h in zip(entries, digests)}
 
@@ -137,8 +129,8 @@ def _write_manifest(tmp: Path, manifest: Manifest) -> None:
     """Write manifest.json into the temp directory and fsync it and the directory."""
     target = tmp / MANIFEST
     target.write_text(manifest.to_json(), encoding="utf-8")
-    _fsync_path(target)
-    _fsync_path(tmp)
+    fsync_path(target)
+    fsync_path(tmp)
 
 
 def write_bundle(bundles_dir: str | Path, write_files: Callable[[Path], None],
@@ -167,7 +159,7 @@ def write_bundle(bundles_dir: str | Path, write_files: Callable[[Path], None],
                     raise
                 version = max([version, *list_versions(bundles_dir)]) + 1
                 continue
-            _fsync_path(bundles_dir)
+            fsync_path(bundles_dir)
             log.info("wrote bundle %s (%d files)", target, len(files))
             return target
         raise BundleError(f"{bundles_dir}: could not claim a free version number")
@@ -192,16 +184,7 @@ def publish(bundles_dir: str | Path, version: int | str, verify: bool = True) ->
         load_bundle(bundles_dir / name)
     elif not (bundles_dir / name).is_dir():
         raise BundleError(f"{bundles_dir / name}: no such bundle")
-    tmp = bundles_dir / f".{CURRENT}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, bundles_dir / CURRENT)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_path(bundles_dir)
+    write_text(bundles_dir / CURRENT, name + "\n")
     log.info("published %s in %s", name, bundles_dir)
 
 

@@ -29,8 +29,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from index.attributes import AttributeHead, AttributesSpec
-from serve.errors import InvalidArgument
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageSpec, blank, preprocess
+from index.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageSpec, blank, preprocess
+from serve.errors import InvalidArgument, refused_image
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,11 @@ class ItemEncoder:
             raise InvalidArgument("this bundle encodes items from text only; text is required")
         if not self.has_text and not self.has_attributes and not image:
             raise InvalidArgument("this bundle encodes items from images only; image is required")
-        pixels = preprocess(image, self.image_spec, self.max_pixels) if self.has_image else None
+        try:
+            pixels = (preprocess(image, self.image_spec, self.max_pixels) if self.has_image
+                      else None)
+        except ImageError as err:
+            raise refused_image(err) from err
         return self.encode_arrays(pixels, text)
 
     def encode_blank(self) -> np.ndarray:

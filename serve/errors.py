@@ -5,6 +5,8 @@ be used and tested without a server. `code` is the name of a `grpc.StatusCode` m
 """
 from __future__ import annotations
 
+from index.preprocess import ImageError, ImageTooLarge
+
 
 class ServeError(Exception):
     """A request the server refuses, with the gRPC status code name to answer with."""
@@ -46,3 +48,10 @@ class Unavailable(ServeError):
     """No bundle is loaded yet, or the server is shutting down."""
 
     code = "UNAVAILABLE"
+
+
+def refused_image(err: ImageError) -> ServeError:
+    """The status of an image the torch-free preprocessing (index.preprocess) refused."""
+    if isinstance(err, ImageTooLarge):
+        return ResourceExhausted(str(err))
+    return InvalidArgument(str(err))

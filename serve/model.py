@@ -26,10 +26,10 @@ import numpy as np
 from index import ann
 from index import bundle as files
 from index.bundle import Bundle, BundleError
+from index.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
 from serve.limits import Query
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
 from serve.rwlock import RWLock
 
 log = logging.getLogger(__name__)

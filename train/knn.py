@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from train import checkpoint
 from train.graph import sparse_csr
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,9 @@ def _load(path: Path, device: torch.device) -> tuple[torch.Tensor, ...] | None:
 
 
 def _save(path: Path, triplets: tuple[torch.Tensor, ...]) -> None:
-    """Write the triplets atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    """Write the triplets atomically and durably."""
     rows, cols, values = (t.cpu() for t in triplets)
-    torch.save({"rows": rows, "cols": cols, "values": values}, tmp)
-    os.replace(tmp, path)
+    checkpoint.save_atomic({"rows": rows, "cols": cols, "values": values}, path)
 
 
 def knn_graph(features: torch.Tensor, k: int, norm: Norm, cache_dir: Path | None = None,

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from index import ann, bundle
 from index.manifest import Counts, EncoderSpec, Manifest
 from serve.encoder import ItemEncoder
-from serve.preprocess import ImageSpec
+from index.preprocess import ImageSpec
 
 IMAGE_SIZE, CONTEXT, GRID = 32, 16, 4
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

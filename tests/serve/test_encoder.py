@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from index.preprocess import ImageSpec, preprocess
 from serve.encoder import ItemEncoder, load_tokenizer
 from serve.errors import InvalidArgument
-from serve.preprocess import ImageSpec, preprocess
 from tests.serve import bundle_factory as bf
 
 LONG = " ".join(bf.WORDS)  # 33 words, more than CONTEXT = 16 tokens

@@ -4,7 +4,7 @@ The cache key is sha256(tower.identity() + sha256 over the item contents): image
 their bytes (not their paths), texts by the string the encoder sees. `identity()` includes a digest of
 the tower's current weights, so a changed item, encoder, checkpoint or preprocessing never reuses a
 stale file. Files are `<cache_dir>/<modality>-<key>.npy` (float32, (N, d)) plus a `.json` sidecar with
-the counts; both are written to a temporary file and moved into place with `os.replace`.
+the counts; both are written to a temporary file and moved into place (index.atomic).
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from index.atomic import write_bytes
 from train.encoders.base import Tower
 
 log = logging.getLogger(__name__)
@@ -73,26 +72,12 @@ def cache_key(tower: Tower, items: list, identity: str | None = None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file in the same folder, fsync, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(path: Path, features: np.ndarray, meta: dict) -> None:
     """Sidecar first, then the array, so an existing array always has its counts."""
-    _atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
+    write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
     buf = io.BytesIO()
     np.save(buf, features, allow_pickle=False)
-    _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def _load(path: Path, n_items: int) -> tuple[np.ndarray, int] | None:

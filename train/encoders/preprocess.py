@@ -1,6 +1,6 @@
 """Image preprocessing identical to open_clip's eval transform, in Pillow + numpy only (no torch).
 
-The transform itself lives in the torch-free `serve.preprocess` so that training, export and serving
+The transform itself lives in the torch-free `index.preprocess` so that training, export and serving
 run one implementation; this module adds what only training needs: building the spec from an
 open_clip `preprocess_cfg`, opening images from paths, and the *blank* rule for bad files.
 
@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from serve.preprocess import ImageSpec, blank, transform
+from index.preprocess import ImageSpec, blank, transform
 
 log = logging.getLogger(__name__)
 

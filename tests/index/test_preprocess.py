@@ -1,6 +1,6 @@
-"""serve.preprocess: the bytes path agrees with training's on every image, and refuses bad ones.
+"""index.preprocess: the bytes path agrees with training's on every image, and refuses bad ones.
 
-Training (`train.encoders.preprocess`) shares `serve.preprocess.transform` but opens files its own
+Training (`train.encoders.preprocess`) shares `index.preprocess.transform` but opens files its own
 way and substitutes a blank where serving refuses; these tests pin that both paths give the same
 array for every decodable image and that exactly the images training blanks are refused here.
 (Equality with open_clip's torchvision transform is tested in tests/train/encoders.)"""
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve import preprocess as sp
-from serve.errors import InvalidArgument, ResourceExhausted
+from index import preprocess as sp
+from index.preprocess import ImageError, ImageTooLarge
 from train.encoders import preprocess as tp
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -56,7 +56,7 @@ def test_parity_with_training(fields):
             data = _bytes(img, fmt)
             expected = tp.preprocess_image(data, theirs)
             if expected is None:  # training substitutes a blank; serving refuses the image
-                with pytest.raises(InvalidArgument):
+                with pytest.raises(ImageError):
                     sp.preprocess(data, ours)
                 continue
             got = sp.preprocess(data, ours)
@@ -76,23 +76,23 @@ def test_jpeg_and_blank_parity():
 @pytest.mark.parametrize("data", [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
                                   _bytes(_noise(50, 50))[:200]], ids=["garbage", "header", "cut"])
 def test_undecodable_is_invalid_argument(data):
-    with pytest.raises(InvalidArgument, match="decoded"):
+    with pytest.raises(ImageError, match="decoded"):
         sp.decode(data)
 
 
 def test_empty_bytes_are_invalid_for_decode():
-    with pytest.raises(InvalidArgument, match="empty"):
+    with pytest.raises(ImageError, match="empty"):
         sp.decode(b"")
 
 
 def test_pixel_limit_checked_before_decoding():
     huge = _bytes(Image.new("1", (4000, 3000)))  # 12 Mpx in a few kB
     assert len(huge) < 10_000
-    with pytest.raises(ResourceExhausted, match="4000x3000"):
+    with pytest.raises(ImageTooLarge, match="4000x3000"):
         sp.decode(huge, max_pixels=1_000_000)
 
 
 def test_pillow_bomb_guard_is_resource_exhausted(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow refuses > 2x this at open
-    with pytest.raises(ResourceExhausted, match="bomb"):
+    with pytest.raises(ImageTooLarge, match="bomb"):
         sp.decode(_bytes(Image.new("1", (4000, 3000))), max_pixels=10**9)

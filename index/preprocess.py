@@ -12,7 +12,8 @@ asserts equality with open_clip's own torchvision transform on odd images:
 3. RGB, uint8 / 255, `(x - mean) / std`, layout (3, H, W).
 
 Unlike training, where an unreadable file silently becomes a blank, a request's image must
-decode: failures raise `InvalidArgument`, and images over the pixel limit `ResourceExhausted`
+decode: failures raise `ImageError`, and images over the pixel limit `ImageTooLarge` (serve/
+maps them to INVALID_ARGUMENT and RESOURCE_EXHAUSTED)
 (checked from the header before decoding, against decompression bombs; keep the limit below
 Pillow's own `Image.MAX_IMAGE_PIXELS`). A missing image (no
 bytes) is the blank mean-colour image: all zeros after normalisation, as in training.
@@ -26,10 +27,16 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from serve.errors import InvalidArgument, ResourceExhausted
-
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageError(ValueError):
+    """Image bytes that cannot be decoded or transformed."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit, or a decompression bomb."""
 
 
 class ImageSpec(BaseModel):
@@ -47,22 +54,22 @@ class ImageSpec(BaseModel):
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes fully; InvalidArgument if impossible, ResourceExhausted if huge."""
+    """Decode image bytes fully; ImageError if impossible, ImageTooLarge if huge."""
     if not data:
-        raise InvalidArgument("image is empty")
+        raise ImageError("image is empty")
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise ResourceExhausted(f"image refused as a decompression bomb: {err}") from err
+        raise ImageTooLarge(f"image refused as a decompression bomb: {err}") from err
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad headers
-        raise InvalidArgument(f"image could not be decoded: {type(err).__name__}") from err
+        raise ImageError(f"image could not be decoded: {type(err).__name__}") from err
     w, h = img.size
     if w * h > max_pixels:
-        raise ResourceExhausted(f"image has {w}x{h} pixels, more than the limit of {max_pixels}")
+        raise ImageTooLarge(f"image has {w}x{h} pixels, more than the limit of {max_pixels}")
     try:
         img.load()
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data, many exception types
-        raise InvalidArgument(f"image could not be decoded: {type(err).__name__}") from err
+        raise ImageError(f"image could not be decoded: {type(err).__name__}") from err
     return img
 
 
@@ -124,17 +131,17 @@ def blank(spec: ImageSpec) -> np.ndarray:
 
 
 def transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Decoded image -> (3, H, W) float32; InvalidArgument if its shape cannot be resized."""
+    """Decoded image -> (3, H, W) float32; ImageError if its shape cannot be resized."""
     size = resized_size(img.width, img.height, spec)
     if min(size) < 1:
-        raise InvalidArgument(f"image of {img.width}x{img.height} pixels is too thin to resize")
+        raise ImageError(f"image of {img.width}x{img.height} pixels is too thin to resize")
     try:
         if size != img.size:
             img = img.resize(size, _resample(spec))
         fill = spec.fill_color if spec.resize_mode == "longest" else 0
         return normalise(crop_or_pad(img, spec.size, fill), spec)
     except (ValueError, OSError) as err:
-        raise InvalidArgument(f"image could not be transformed: {err}") from err
+        raise ImageError(f"image could not be transformed: {err}") from err
 
 
 def preprocess(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
