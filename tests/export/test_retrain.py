@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from index.bundle import current_version, list_versions, load_bundle
-from train.retrain import LOCK, main
+from export.retrain import LOCK, main
 from train.synthetic import generate
 
 

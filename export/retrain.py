@@ -1,6 +1,6 @@
 """The batch retraining job: train a fresh run, export it, publish it (DESIGN.md §2).
 
-`python -m train.retrain --config CONFIG --bundles DIR [--runs-dir runs/retrain] [--set a.b=c ...]
+`python -m export.retrain --config CONFIG --bundles DIR [--runs-dir runs/retrain] [--set a.b=c ...]
 [--factory F] [--quantize int8]` trains stage 1 into RUNS_DIR/<UTC timestamp>/, exports that run
 into DIR/vN and points DIR/CURRENT at it; a server watching DIR then hot-swaps to it. Nothing is
 published when training or export fails (exit 1), the config is invalid (exit 2) or another retrain
@@ -17,7 +17,7 @@ of the teacher's validation metric; otherwise the teacher is exported (logged), 
 never replaces a good model. An invalid distillation config is exit 2 before any training.
 
 Nightly at 03:00 (cron):
-    0 3 * * * cd /srv/ptmrec && .venv/bin/python -m train.retrain --config configs/demo.yaml --bundles /srv/bundles >> /var/log/ptmrec-retrain.log 2>&1
+    0 3 * * * cd /srv/ptmrec && .venv/bin/python -m export.retrain --config configs/demo.yaml --bundles /srv/bundles >> /var/log/ptmrec-retrain.log 2>&1
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ from train.distill import DistillConfig, load_distill_config, run_distill
 from train.stage1 import run_stage1
 from train.stage2 import Stage2Config, run_stage2
 
-log = logging.getLogger("train.retrain")
+log = logging.getLogger("export.retrain")
 LOCK = ".retrain.lock"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments of the retraining job."""
-    p = argparse.ArgumentParser(prog="python -m train.retrain", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m export.retrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, required=True, help="YAML run config")
     p.add_argument("--bundles", type=Path, required=True, help="bundles directory to publish to")
