@@ -50,7 +50,7 @@ from train.coldstart import run_splits
 from train.config import dump_config, load_config, load_raw
 from train.data import load_dataset
 from train.encoders import build_encoder
-from train.encoders.peft_methods import PeftMethodConfig, apply_peft
+from train.encoders.peft_methods import PeftMethodConfig, apply_peft, check_peft_fits
 from train.encoders.prompts import PromptConfig, count_trainable, prompted_text_config
 from train.evaluate import Evaluator
 from train.features import item_features
@@ -156,6 +156,7 @@ def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.devi
     cfg = load_config(stage1_run / "config.yaml")
     if cfg.encoders is None:
         raise ValueError(f"{stage1_run}: stage 2 needs a stage-1 run with encoders configured")
+    check_peft_fits(cfg.encoders, s2.method, s2.modalities)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage2.yaml").write_text(yaml.safe_dump(s2.model_dump(mode="json"), sort_keys=False))
     dump_config(cfg, out / STAGE1_CONFIG)

@@ -15,19 +15,23 @@ from train.encoders.openclip import (
     OpenClipTextTower,
     PretrainedUnavailableError,
 )
+from train.encoders.timm_cnn import TimmCnnConfig, TimmCnnTower
 
 ENCODERS: dict[str, type[Tower]] = {
     "openclip_image": OpenClipImageTower,
     "openclip_text": OpenClipTextTower,
     "minilm": MiniLMTower,
+    "timm_cnn": TimmCnnTower,
 }
 
 EncoderConfig = Annotated[
-    Union[OpenClipImageConfig, OpenClipTextConfig, MiniLMConfig], Field(discriminator="name")
+    Union[OpenClipImageConfig, OpenClipTextConfig, MiniLMConfig, TimmCnnConfig],
+    Field(discriminator="name"),
 ]
 
 
-def build_encoder(cfg: OpenClipImageConfig | OpenClipTextConfig | MiniLMConfig) -> Tower:
+def build_encoder(cfg: OpenClipImageConfig | OpenClipTextConfig | MiniLMConfig | TimmCnnConfig
+                  ) -> Tower:
     """Instantiate the tower a config names (weights loaded on CPU, eval mode)."""
     return ENCODERS[cfg.name].from_config(cfg)
 
@@ -40,6 +44,7 @@ __all__ = [
     "OpenClipImageConfig",
     "OpenClipTextConfig",
     "PretrainedUnavailableError",
+    "TimmCnnConfig",
     "TokenState",
     "Tower",
     "build_encoder",

@@ -66,6 +66,7 @@ class Tower(nn.Module, ABC):
     modality: Modality
     out_dim: int
     width: int  # token width inside the blocks (size of a prompt vector)
+    takes_prompts: bool = True  # False: no token sequence (CNNs); deep prompts are refused
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,12 @@ full-match regex). Defaults per tower family:
   `apply_peft` refuses targets that match a MultiheadAttention. (IA)^3 supports only Linear/Conv.
 - BERT (MiniLM): LoRA on every block Linear (query, key, value, dense); (IA)^3 on key, value and
   the FFN output dense (input-scaled), as peft's BERT default but without the attention output dense.
+- timm CNNs (EfficientNet-Lite, timm_cnn.py): LoRA (peft's Conv2d LoRA) on the 1x1 convolutions,
+  the inverted residuals' expansion `conv_pw` and projection `conv_pwl` and the `conv_head`;
+  (IA)^3 scales the input of every `conv_pwl` (the expanded activation, the FFN analogue of l_ff)
+  and the output of `conv_head`. Depthwise convolutions and the TF-"SAME"-padded stride-2 convs are
+  not targeted (peft's conv LoRA repeats the base conv's static padding and groups). Deep prompts
+  are refused on CNNs (`check_peft_fits` at config time, `attach_prompts` at attach time).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from torch import nn
 from train.encoders.base import Strict, Tower
 from train.encoders.minilm import MiniLMTower
 from train.encoders.openclip import OpenClipImageTower, OpenClipTextTower
+from train.encoders.timm_cnn import TimmCnnTower
 from train.encoders.preprocess import PreprocessSpec
 from train.encoders.prompts import PromptConfig, attach_prompts, count_trainable
 
@@ -42,10 +49,12 @@ DEFAULT_TARGETS: dict[str, dict[str, tuple[Targets, Targets | None]]] = {
     "lora": {
         "openclip": (["mlp.c_fc", "mlp.c_proj"], None),
         "bert": (["query", "key", "value", "dense"], None),
+        "timm_cnn": (["conv_pw", "conv_pwl", "conv_head"], None),
     },
     "ia3": {  # (targets, feedforward_modules: input-scaled)
         "openclip": (["mlp.c_fc", "mlp.c_proj"], ["mlp.c_proj"]),
         "bert": (r".*\.(key|value)|.*\.\d+\.output\.dense", r".*\.\d+\.output\.dense"),
+        "timm_cnn": (["conv_pwl", "conv_head"], ["conv_pwl"]),
     },
 }
 
@@ -80,11 +89,13 @@ PeftMethodConfig = Annotated[
 
 
 def tower_family(tower: Tower) -> str:
-    """'openclip' or 'bert': which default target names apply."""
+    """'openclip', 'bert' or 'timm_cnn': which default target names apply."""
     if isinstance(tower, (OpenClipImageTower, OpenClipTextTower)):
         return "openclip"
     if isinstance(tower, MiniLMTower):
         return "bert"
+    if isinstance(tower, TimmCnnTower):
+        return "timm_cnn"
     raise NotImplementedError(f"no default PEFT targets for {type(tower).__name__}; set targets")
 
 
@@ -146,6 +157,19 @@ PEFT_METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod(LoraMethodConfig, _apply_lora, merges=True),
     "ia3": PeftMethod(IA3MethodConfig, _apply_ia3, merges=True),
 }
+
+
+def check_peft_fits(encoders: Any, method: Any, modalities: Iterable[str]) -> None:
+    """Config-time check, before anything is built: deep prompts only on towers that take them."""
+    from train.encoders import ENCODERS
+
+    if method.name != "prompt":
+        return
+    for m in modalities:
+        tower_cfg = getattr(encoders, m, None)
+        if tower_cfg is not None and not ENCODERS[tower_cfg.name].takes_prompts:
+            raise ValueError(f"stage 2 method prompt on the {m} tower: {tower_cfg.name} is a CNN "
+                             "and deep prompts are ViT/transformer-only; use method lora or ia3")
 
 
 def apply_peft(tower: Tower, cfg: PromptConfig | LoraMethodConfig | IA3MethodConfig) -> Tower:

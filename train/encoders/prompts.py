@@ -139,6 +139,9 @@ def _check_tower(tower: Tower, n_ctx: int) -> None:
 
 def attach_prompts(tower: Tower, cfg: PromptConfig) -> DeepPrompts:
     """Freeze the tower, attach trainable deep prompts as its token hook and return them."""
+    if not tower.takes_prompts:
+        raise ValueError(f"deep prompts are ViT/transformer-only: {type(tower).__name__} has no "
+                         "token sequence to put them in; tune it with method lora or ia3")
     depth = min(cfg.depth, len(tower.blocks))
     if depth < cfg.depth:
         log.warning("prompt depth %d capped at the tower's %d blocks", cfg.depth, depth)

@@ -8,7 +8,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from train.encoders import TINY_CLIP, MiniLMConfig, OpenClipImageConfig, OpenClipTextConfig, build_encoder
+from train.encoders import (
+    TINY_CLIP, MiniLMConfig, OpenClipImageConfig, OpenClipTextConfig, TimmCnnConfig, build_encoder,
+)
 from train.encoders.peft_methods import (
     PEFT_METHODS, IA3MethodConfig, LoraMethodConfig, PeftMethodConfig, apply_peft, merge_peft,
     meta_clip_towers, param_table,
@@ -24,7 +26,10 @@ METHODS = {  # name -> (small config, substring of every trainable parameter nam
 
 
 def _tower(kind: str):
-    """A small tower of each kind (the text tower leaves room for 2 prompts)."""
+    """A small tower of each kind (the text tower leaves room for 2 prompts; the CNN is the real
+    EfficientNet-Lite0 at 64 px)."""
+    if kind == "cnn":
+        return build_encoder(TimmCnnConfig(image_size=64))
     if kind == "image":
         return build_encoder(OpenClipImageConfig(model=TINY_CLIP, init_seed=0))
     if kind == "text":
@@ -51,11 +56,15 @@ def test_registry_covers_the_config_union():
             adapter.validate_python(bad)
 
 
-@pytest.mark.parametrize("kind", ["image", "text", "minilm"])
+@pytest.mark.parametrize("kind", ["image", "text", "minilm", "cnn"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_contract(method, kind):
     cfg, marker = METHODS[method]
     tower = _tower(kind).requires_grad_(False)
+    if method == "prompt" and kind == "cnn":  # deep prompts are ViT-only
+        with pytest.raises(ValueError, match="lora or ia3"):
+            apply_peft(tower, cfg)
+        return
     x = _inputs(tower)
     keys = set(tower.state_dict())
     with torch.no_grad():
@@ -77,6 +86,9 @@ def test_method_contract(method, kind):
     with torch.no_grad():
         trained = tower(x)
         assert (trained - frozen).abs().max() > 1e-4
+        if kind == "cnn":  # 16 BatchNorm'd blocks amplify float32 reordering: compare in float64
+            tower, x = tower.double(), x.double()
+            trained = tower(x)
         merged = merge_peft(tower)
         torch.testing.assert_close(merged(x), trained, atol=1e-5, rtol=0)
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
