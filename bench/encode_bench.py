@@ -6,7 +6,9 @@ cosine to torch reaches 0.99 on the bench items). Latency is the p50 of `--repea
 preprocessed item with `--threads` torch / onnxruntime intra-op threads (preprocessing excluded: it
 is the same Pillow + numpy / tokenizers code for every backend). Towers: the tiny open_clip test
 architecture, open_clip ViT-B-32 image + text (random init: speed and quantisation error only) and
-the pretrained all-MiniLM-L6-v2 text tower. Target: ONNX int8 >= 3x faster than torch eager for a
+the pretrained all-MiniLM-L6-v2 text tower, and the pretrained EfficientNet-Lite0 CNN (`lite0`; its
+int8 schemes quantise MatMul/Gemm only, i.e. the content head: bench/image_tower.py measures int8
+convolutions). Target: ONNX int8 >= 3x faster than torch eager for a
 ViT-B-32 item (image + text) on 2 cores, cosine(int8, fp32) >= 0.99.
 
     python bench/encode_bench.py [--towers tiny vit-b-32 minilm] [--threads 2] [--repeats 30]
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export import onnx_export  # noqa: E402
 from export.tokenizer import encode_texts, tokenizer_for  # noqa: E402
 from train.encoders import (MiniLMConfig, OpenClipImageConfig, OpenClipTextConfig,  # noqa: E402
-                            build_encoder)
+                            TimmCnnConfig, build_encoder)
 from train.encoders.preprocess import PreprocessSpec, preprocess_images  # noqa: E402
 
 TOWERS = {
@@ -39,6 +41,7 @@ TOWERS = {
     "vit-b-32": [("image", OpenClipImageConfig(model="ViT-B-32", init_seed=0)),
                  ("text", OpenClipTextConfig(model="ViT-B-32", init_seed=0))],
     "minilm": [("text", MiniLMConfig())],
+    "lite0": [("image", TimmCnnConfig())],  # pretrained EfficientNet-Lite0 (docs/image_tower.md)
 }
 ITEMS = [("red", "Rustic red striped coffee mug. A handmade ceramic mug for slow mornings."),
          ("navy", "Minimal navy plaid scarf. Soft wool, one size. Free shipping."),
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row(f"{name} {modality}", r))
     for name, parts in (("tiny image + tiny text", [("tiny", "image"), ("tiny", "text")]),
                         ("ViT-B-32 image + text", [("vit-b-32", "image"), ("vit-b-32", "text")]),
-                        ("ViT-B-32 image + MiniLM", [("vit-b-32", "image"), ("minilm", "text")])):
+                        ("ViT-B-32 image + MiniLM", [("vit-b-32", "image"), ("minilm", "text")]),
+                        ("Lite0 image + MiniLM", [("lite0", "image"), ("minilm", "text")])):
         if all(t in results and m in results[t] for t, m in parts):
             print(item_row(name, [results[t][m] for t, m in parts]))
     vit = results.get("vit-b-32")

@@ -268,3 +268,27 @@ def test_heads_are_calibrated_again_after_stage2(tmp_path):
     heads = [checkpoint.load(tmp_path / d / "best.pt")["heads.heads.text.weight"] for d in "ab"]
     assert not torch.equal(*heads)
     assert again["cold_start"]["heads"] != as_tuned["cold_start"]["heads"]
+
+
+def test_stage2_lora_on_the_cnn_tower_and_prompts_refused(tmp_path):
+    """Stage 2 on the EfficientNet-Lite0 tower (64 px): LoRA on its 1x1 convs trains under KT;
+    prompts on it fail at config time, before any feature is extracted."""
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    cfg = TrainConfig.model_validate({
+        "seed": 0, "data": {"path": str(data)},
+        "encoders": {"image": {"name": "timm_cnn", "image_size": 64},
+                     "cache_dir": str(tmp_path / "cache")},
+        "backbone": {"name": "lightgcn_mm", "modalities": ["image"]}, "heads": {},
+        "optim": {"batch_size": 256, "epochs": 1}, "eval": {"ks": [10, 20]}})
+    run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
+    prompts = Stage2Config.model_validate({"modalities": ["image"]})
+    with pytest.raises(ValueError, match="ViT/transformer-only; use method lora or ia3"):
+        run_stage2(tmp_path / "run", prompts, tmp_path / "p", torch.device("cpu"))
+    assert not (tmp_path / "p").exists()
+    s2 = Stage2Config.model_validate({"method": {"name": "lora", "r": 2}, "modalities": ["image"],
+                                      "kt_batch_size": 8, "kt_steps_per_epoch": 1, "epochs": 1,
+                                      "keep_start": False})
+    metrics = run_stage2(tmp_path / "run", s2, tmp_path / "s2", torch.device("cpu"))
+    assert 0 < metrics["trainable_share"] < 0.1 and metrics["method"] == "lora"
+    state = checkpoint.load(tmp_path / "s2" / "best.pt")
+    assert any(k.startswith("towers.image.") and ".lora_B." in k for k in state)
