@@ -1,7 +1,8 @@
 """Cold-item Recall/NDCG@20 of the content heads vs random and content-kNN (mean ± std over seeds).
 
 Usage: .venv/bin/python bench/coldstart_table.py [--datasets ml100k syn2k] [--seeds ...] [--threads 1]
-- ml100k: `configs/ml100k/coldstart.yaml` on ../shared/data/ml100k_mm (override with --data).
+- ml100k: `configs/ml100k/coldstart.yaml` on ../shared/data/ml100k_mm (override with --data);
+- ml100k_image: `configs/ml100k/coldstart_image.yaml` (poster only, EfficientNet-Lite0) on the same.
 - syn2k: a 2,000-user x 1,000-item synthetic catalogue (`train.synthetic`, seed 11) with
   `configs/demo.yaml` and MMRec's patience 20 (the demo's 10 is for a 3-minute demo).
 Finished runs under --out are reused (--rerun ignores them).
@@ -25,7 +26,7 @@ from train.config import load_config  # noqa: E402
 from train.stage1 import run_stage1  # noqa: E402
 from train.synthetic import generate  # noqa: E402
 
-SEEDS = {"ml100k": [999, 1000, 1001], "syn2k": [7, 8, 9]}
+SEEDS = {"ml100k": [999, 1000, 1001], "ml100k_image": [999, 1000, 1001], "syn2k": [7, 8, 9]}
 RANKERS = ["heads", "random", "content_knn"]
 
 
@@ -35,8 +36,8 @@ def run_one(dataset: str, seed: int, args) -> dict:
     if (out / "metrics.json").is_file() and not args.rerun:
         return json.loads((out / "metrics.json").read_text())
     overrides = [f"seed={seed}"] + ([f"threads={args.threads}"] if args.threads else [])
-    if dataset == "ml100k":
-        config = ROOT / "configs" / "ml100k" / "coldstart.yaml"
+    if dataset.startswith("ml100k"):
+        config = ROOT / "configs" / "ml100k" / f"{dataset.replace('ml100k', 'coldstart')}.yaml"
         overrides.append(f"data.path={args.data}")
     else:
         data = args.out / "syn2k_data"

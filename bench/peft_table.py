@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 STAGE2_CONFIGS = ROOT / "configs" / "ml100k" / "stage2"
-METHODS = ["frozen", "prompt", "lora", "ia3"]
+METHODS = ["frozen", "prompt", "lora", "ia3", "lora_image"]  # lora_image: the CNN tower
 
 
 def peak_memory_mib() -> float:
