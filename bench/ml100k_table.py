@@ -1,6 +1,7 @@
 """Test Recall/NDCG@10/20 (mean ± std over seeds) of the checked-in ml100k configs.
 
 Usage: .venv/bin/python bench/ml100k_table.py [--configs bpr lightgcn ...] [--seeds 999 1000 1001]
+       [--set optim.epochs=20 ...] (overrides for every config, e.g. a CPU epoch budget)
 Reads ../shared/data/ml100k_mm (override with --data); results per run under --out.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ def run_one(name: str, seed: int, args) -> dict:
         return json.loads(done.read_text())
     overrides = [f"seed={seed}", f"data.path={args.data}"] + (["threads=" + str(args.threads)]
                                                              if args.threads else [])
+    overrides += args.overrides
     cfg = load_config(ROOT / "configs" / "ml100k" / f"{name}.yaml", overrides)
     start = time.perf_counter()
     metrics = run_stage1(cfg, out, torch.device("cpu"))
@@ -50,6 +52,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "ml100k")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rerun", action="store_true", help="ignore finished runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
+                   help="override for every config (use a separate --out per setting)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
