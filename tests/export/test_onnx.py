@@ -2,6 +2,8 @@
 the EfficientNet-Lite0 CNN tower with fp32 and int8 parity."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -59,33 +61,17 @@ def test_dynamo_failure_falls_back_to_legacy(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-def test_cnn_image_encoder_exports_with_parity_fp32_and_int8(tmp_path):
-    """The pretrained EfficientNet-Lite0 tower (64 px for speed) exports through the same exporter:
-    fp32 parity on the serving path (preprocess.json + Pillow/numpy), int8 cosine >= 0.99."""
+
+def test_cnn_lora_exports_merged_with_fp32_and_int8_parity(tmp_path):
+    """The pretrained EfficientNet-Lite0 tower (64 px for speed) with stage-2 LoRA on its 1x1 convs,
+    moved off the identity, exports merged (no peft layer in the graph) through the same exporter:
+    fp32 parity to the adapters as trained on the serving path (preprocess.json + Pillow/numpy),
+    int8 cosine >= 0.99."""
     from PIL import Image
 
-    from train.encoders import TimmCnnConfig
-
-    tower = build_encoder(TimmCnnConfig(image_size=64))
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-              for h, w in [(138, 92), (64, 64), (50, 300)]] + [None]
-    metrics, vectors = onnx_export.export_image(tower, _head(tower.out_dim), images, tmp_path,
-                                                "int8", "dynamo")
-    assert vectors.shape == (4, 16) and metrics["dynamo"] == 1.0
-    assert metrics["max_abs"] <= 1e-4 and metrics["int8_cos_min"] >= 0.99
-    spec = (tmp_path / "preprocess.json").read_text()
-    assert '"size": [\n    64,\n    64\n  ]' in spec and "0.5" in spec
-    graph = onnx.load(str(tmp_path / "image_encoder.onnx")).graph
-    assert [i.name for i in graph.input] == ["image"] and any(n.op_type == "Conv" for n in graph.node)
-
-
-def test_cnn_lora_exports_merged_with_parity_to_the_adapters(tmp_path):
-    """Stage-2 LoRA on the CNN's 1x1 convs, moved off the identity, exports merged (a plain
-    tower: no peft layer in the graph) and matches the adapters as trained."""
+    from export.tuned import Tuning, deployable
     from train.encoders import TimmCnnConfig
     from train.encoders.peft_methods import LoraMethodConfig, apply_peft
-    from export.tuned import Tuning, deployable
 
     tuned = apply_peft(build_encoder(TimmCnnConfig(image_size=64)), LoraMethodConfig(r=4))
     with torch.no_grad():
@@ -94,15 +80,17 @@ def test_cnn_lora_exports_merged_with_parity_to_the_adapters(tmp_path):
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     merged = deployable(tuned, Tuning("lora", ("image",)))
     assert not any("lora" in k for k in merged.state_dict())
-    images = [np.random.default_rng(i).integers(0, 256, (70, 50, 3), dtype=np.uint8)
-              for i in range(3)]
-    from PIL import Image
-
-    images = [Image.fromarray(a) for a in images]
-    head = _head(tuned.out_dim)
-    metrics, _ = onnx_export.export_image(merged, head, images, tmp_path, None, "dynamo",
-                                          reference=tuned)
-    assert metrics["max_abs"] <= 1e-4
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(138, 92), (64, 64), (50, 300)]] + [None]
+    metrics, vectors = onnx_export.export_image(merged, _head(tuned.out_dim), images, tmp_path,
+                                                "int8", "dynamo", reference=tuned)
+    assert vectors.shape == (4, 16) and metrics["dynamo"] == 1.0
+    assert metrics["max_abs"] <= 1e-4 and metrics["int8_cos_min"] >= 0.99
+    spec = json.loads((tmp_path / "preprocess.json").read_text())
+    assert spec["size"] == [64, 64] and spec["mean"] == spec["std"] == [0.5, 0.5, 0.5]
+    graph = onnx.load(str(tmp_path / "image_encoder.onnx")).graph
+    assert [i.name for i in graph.input] == ["image"] and any(n.op_type == "Conv" for n in graph.node)
     with torch.no_grad():
-        x = tuned.prepare(images)
+        x = tuned.prepare(images[:3])
         assert (tuned(x) - build_encoder(TimmCnnConfig(image_size=64))(x)).abs().max() > 1e-3

@@ -278,7 +278,8 @@ def test_stage2_lora_on_the_cnn_tower_and_prompts_refused(tmp_path):
         "seed": 0, "data": {"path": str(data)},
         "encoders": {"image": {"name": "timm_cnn", "image_size": 64},
                      "cache_dir": str(tmp_path / "cache")},
-        "backbone": {"name": "lightgcn_mm", "modalities": ["image"]}, "heads": {},
+        "backbone": {"name": "lightgcn_mm", "modalities": ["image"]},
+        "heads": {"modalities": ["image"]},
         "optim": {"batch_size": 256, "epochs": 1}, "eval": {"ks": [10, 20]}})
     run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
     prompts = Stage2Config.model_validate({"modalities": ["image"]})
