@@ -36,6 +36,7 @@ def run_one(dataset: str, seed: int, args) -> dict:
     if (out / "metrics.json").is_file() and not args.rerun:
         return json.loads((out / "metrics.json").read_text())
     overrides = [f"seed={seed}"] + ([f"threads={args.threads}"] if args.threads else [])
+    overrides += args.overrides
     if dataset.startswith("ml100k"):
         config = ROOT / "configs" / "ml100k" / f"{dataset.replace('ml100k', 'coldstart')}.yaml"
         overrides.append(f"data.path={args.data}")
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "coldstart")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rerun", action="store_true", help="ignore finished runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
+                   help="override for every run (use a separate --out per setting)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print("| dataset | ranker | cold R@20 | cold N@20 | R@20 / random |")
