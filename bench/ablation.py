@@ -1,6 +1,7 @@
 """PTMRec ablation (the paper's Fig. 3) on ml100k_mm: which part of the two-stage design helps.
 
-Variants, all with the checked-in prompt config (configs/ml100k/stage2/prompt.yaml) unless noted:
+Variants, all with the checked-in prompt config (configs/ml100k/stage2/prompt.yaml; --method names
+another file there, e.g. lora_image for LoRA on the EfficientNet-Lite0 image tower) unless noted:
 - frozen: frozen encoders, i.e. the stage-1 run itself;
 - joint: joint prompts without stage 1 (`from_stage1: false`: backbone, heads and prompts start
   together from scratch); it needs a backbone's full schedule, so it has its own caps
@@ -71,16 +72,16 @@ def variant_runs(variant: str, backbone: str, args) -> list[dict]:
             runs.append(stage2_run(name, stage1, settings, seed, args))
             continue
         if variant == "full":
-            name, extra = "prompt", {}
+            name, extra = args.method, {}
         elif variant == "no_kt":
-            name, extra = "prompt_nokt", {"tuning_loss": "bpr"}
+            name, extra = f"{args.method}_nokt", {"tuning_loss": "bpr"}
         else:
-            name, extra = "prompt_joint", {"from_stage1": False, "epochs": args.joint_epochs,
+            name, extra = f"{args.method}_joint", {"from_stage1": False, "epochs": args.joint_epochs,
                                            "patience": args.joint_patience,
                                            "refresh_every": args.joint_refresh,
                                            "learning_rate": args.joint_lr,
                                            "kt_steps_per_epoch": args.joint_kt_steps}
-        runs.append(stage2_run(name, stage1, stage2_settings("prompt", args, extra), seed, args))
+        runs.append(stage2_run(name, stage1, stage2_settings(args.method, args, extra), seed, args))
     return runs
 
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, help="perpeft variant: user groups (default: the "
                    "YAML's 4)")
     p.add_argument("--png", type=Path, help="bar chart path (default <out>/ablation.png)")
+    p.add_argument("--method", default="prompt", help="stage-2 YAML of the full / no_kt / joint "
+                   "variants in configs/ml100k/stage2 (lora_image: LoRA on the Lite0 image tower)")
     args = p.parse_args(argv)
     results: dict[str, dict[str, list[dict]]] = {}
     rows = []
