@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_dir,  # noqa: E402
                               stage2_run, stage2_settings)
-from train.stage2 import Stage2Config  # noqa: E402
+from train.config import Stage2Config  # noqa: E402
 
 VARIANTS = ["frozen", "joint", "no_kt", "full", "perpeft", "perpeft_global"]
 LABELS = {"frozen": "frozen encoders (stage 1)", "joint": "joint prompts, no stage 1",

@@ -71,7 +71,8 @@ def kt_tuned_text(cfg, dataset, model, args, device):
 
     from train.heads import ContentHeads, HeadsConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers
+    from train.config import Stage2Config
+    from train.modules import build_towers
     from train.tuning import encode, head_vectors
 
     s2 = Stage2Config.model_validate({"method": METHOD_CONFIGS[args.method],
@@ -118,7 +119,7 @@ def substitute(variant: str, stage1_run: Path, args) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
-    from export.bundle import load_run
+    from train.run import load_run
 
     run = load_run(stage1_run)  # data, features, backbone at its best epoch, as training had them
     if variant == "kt" and (run.cfg.encoders is None or run.cfg.encoders.text is None):

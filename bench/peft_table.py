@@ -62,7 +62,8 @@ def _child(kind: str, payload: dict, threads: int | None) -> None:
         cfg = load_config(Path(payload["config"]), payload["overrides"])
         metrics = run_stage1(cfg, out, device)
     else:
-        from train.stage2 import Stage2Config, run_stage2
+        from train.config import Stage2Config
+        from train.stage2 import run_stage2
 
         metrics = run_stage2(Path(payload["stage1"]), Stage2Config.model_validate(payload["s2"]),
                              out, device)
@@ -114,7 +115,7 @@ def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path
     """<root>/<backbone>/<name>-<hash of the stage-2 config and the stage-1 root>/<seed>; the
     hash covers the top-level settings that differ from Stage2Config's defaults, so a new option
     whose default keeps the old behaviour does not orphan finished runs."""
-    from train.stage2 import Stage2Config
+    from train.config import Stage2Config
 
     defaults = Stage2Config().model_dump(mode="json")
     changed = {k: v for k, v in s2.items() if k not in defaults or defaults[k] != v}
@@ -128,7 +129,7 @@ def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path
 
 def stage2_run(name: str, stage1: Path, settings: dict, seed: int, args) -> dict:
     """Metrics of one stage-2 run, reused when a finished run has the same resolved config."""
-    from train.stage2 import Stage2Config
+    from train.config import Stage2Config
 
     s2 = Stage2Config.model_validate(settings).model_dump(mode="json")
     out = stage2_dir(args.out, stage1, name, s2, seed)

@@ -93,7 +93,8 @@ def measure(tower_name: str, modality: str, enc: dict, method: str, args) -> dic
     from train.encoders.prompts import count_trainable
     from train.features import EncodersConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers
+    from train.config import Stage2Config
+    from train.modules import build_towers
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.bench import load_bench
-from train.stage2 import Stage2Config
+from train.config import Stage2Config
 
 peft_table = load_bench("peft_table")
 

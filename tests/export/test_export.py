@@ -12,7 +12,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from export import ExportError, export_run, load_run, onnx_export
+from export import ExportError, export_run, onnx_export
+from train.run import load_run
 from export.__main__ import main as export_main
 from export.bundle import cold_vectors
 from export.tokenizer import PARITY_TEXTS

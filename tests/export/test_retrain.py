@@ -100,13 +100,12 @@ def test_stage2_is_published_unless_it_validates_worse(tmp_path):
 
 
 def test_stage2_below_stage1_goes_on_with_stage1(tmp_path, monkeypatch):
-    import json
+    from export import retrain
+    from train.config import Stage2Config, TrainConfig
+    from train.run import write_metrics
 
-    from train import retrain
-    from train.config import TrainConfig
-    from train.stage2 import Stage2Config
-
-    (tmp_path / "metrics.json").write_text(json.dumps({"valid": {"recall@20": 0.5}}))
+    write_metrics(tmp_path, {"valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
+                             "best_epoch": 3, "epochs_run": 5})
     cfg = TrainConfig.model_validate({"data": {"path": str(tmp_path)}, "backbone": {"name": "bpr"}})
     for tuned, expected in ((0.4, tmp_path), (0.5, tmp_path / "stage2")):
         monkeypatch.setattr(retrain, "run_stage2",

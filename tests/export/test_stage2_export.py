@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 from torch import nn
 
-from export import ExportError, export_run, load_run, onnx_export, tuned
+from export import ExportError, export_run, onnx_export, tuned
+from train.run import load_run
 from export.__main__ import main as export_main
 from export.tokenizer import encode_texts
 from index import ann
@@ -29,7 +30,10 @@ from train.encoders import build_encoder
 from train.encoders.base import Tower
 from train.encoders.preprocess import PreprocessSpec, preprocess_images
 from train.stage1 import run_stage1
-from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers, run_stage2
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.run import STAGE1_CONFIG
+from train.stage2 import run_stage2
 from train.synthetic import generate
 
 METHODS = {"prompt": {"name": "prompt", "n_ctx": 2, "depth": 2}, "lora": {"name": "lora", "r": 4},

@@ -9,7 +9,7 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.evaluate import Evaluator, embedding_score_fn
 from train.sampling import NegativeSampler, epoch_batches
-from train.stage1 import backbone_inputs
+from train.modules import backbone_inputs
 
 NAMES = sorted(BACKBONES)
 

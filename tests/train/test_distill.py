@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from export import export_run, load_run
+from export import export_run
+from train.run import load_run
 from index.bundle import load_bundle
 from train.config import TrainConfig
 from train.distill import (DistillConfig, list_kd, low_rank_factors, main, pair_kd,
                            relative_error, run_distill, student_config)
-from train.fit import BEST
+from train.run import BEST
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
@@ -143,7 +144,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 def test_a_stage2_teacher_is_distilled_from_its_tuned_vectors(tmp_path, data_dir):
     """The teacher's scores are the stage-2 model's (tuned features), not its stage-1 config's:
     an untrained full-width BPR student reproduces the stage-2 run's test figures exactly."""
-    from train.stage2 import Stage2Config, run_stage2
+    from train.config import Stage2Config
+    from train.stage2 import run_stage2
 
     stage1 = teacher_run(
         tmp_path, data_dir, {"name": "lightgcn_mm", "modalities": ["text"], "embedding_size": 16},

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from train.__main__ import main, run_device
+from train.__main__ import main
+from train.run import run_device
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 

@@ -14,8 +14,10 @@ from train.config import load_config
 from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import Batch
-from train.stage1 import backbone_inputs
-from train.stage2 import Stage2Config, build_towers, run_stage2
+from train.modules import backbone_inputs
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.stage2 import run_stage2
 from tests.train.test_stage2 import _stage1
 
 PROMPTS = {"name": "prompt", "n_ctx": 2, "depth": 2}

@@ -9,7 +9,8 @@ from train import checkpoint
 from train.config import TrainConfig
 from train.plots import main, plot_tsne_kde, stage2_feature_sets, tsne_2d
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, run_stage2
+from train.config import Stage2Config
+from train.stage2 import run_stage2
 from train.synthetic import generate
 
 

@@ -13,8 +13,9 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import (Stage2Config, below_start, build_towers, main, param_groups,
-                          run_stage2)
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.stage2 import below_start, main, param_groups, run_stage2
 from train.synthetic import generate
 from train.tuning import TUNING_LOSSES, encode
 
