@@ -15,7 +15,7 @@ Student loss per batch of (user, positive, negative) triples, scores scaled by 1
   PromptMM distils image-only and text-only teacher lists; a teacher here is one fused model, so
   its one list is distilled.
 The KD weights default to 0.1 (PromptMM scales its KD terms by 1e6 against its own loss scale):
-chosen on validation on ml100k (docs/STATUS.md "Distillation"); at 1 the student copies the
+chosen on validation on ml100k (docs/results.md, "Distillation"); at 1 the student copies the
 teacher's errors along with its ranking.
 PromptMM's feature term (SCE between teacher modal item embeddings and the student's) is left out:
 the student is ID-only and its dimension differs from the teacher's.

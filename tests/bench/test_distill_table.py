@@ -1,4 +1,4 @@
-"""bench/distill_table.py on a tiny teacher run: every variant trains a student of the asked width,
+"""bench.distill_table on a tiny teacher run: every variant trains a student of the asked width,
 the untrained SVD variant keeps its epoch count at 1, and finished runs are reused."""
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import json
 
 import torch
 
-from tests.bench import load_bench
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
-bench = load_bench("distill_table")
+from bench import distill_table as bench
 
 
 def test_table_over_all_variants(tmp_path, capsys):
