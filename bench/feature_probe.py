@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT
-from train.run import read_metrics
+from train.run import CONFIG, read_metrics
 
 from bench.common import fmt
 
@@ -171,7 +171,7 @@ def _run(job: tuple) -> dict:
         return json.loads(done.read_text())
     start = time.perf_counter()
     features, info = substitute(variant, stage1_run, args)
-    cfg = load_config(stage1_run / "config.yaml")
+    cfg = load_config(stage1_run / CONFIG)
     metrics = run_stage1(cfg, out, torch.device("cpu"), features=features)
     row = {"backbone": backbone, "seed": seed, "variant": variant, "test": metrics["test"],
            "valid": metrics["valid"], "best_epoch": metrics["best_epoch"], "info": info,

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from export import export_run
-from train.run import load_run
+from train.run import BEST, load_run
 from export.bundle import cold_vectors
 from index import ann
 from index.attributes import AttributeHead, AttributesConfig, AttributesSpec
@@ -189,6 +189,6 @@ def test_attribute_slots_no_training_item_carries_stay_at_zero(data_dir, tmp_pat
     run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
     spec = AttributesSpec.fit(AttributesConfig(fields=FIELDS), load_dataset(data).items.texts)
     slot = spec.fields[0].vocab.index("unobtainium")
-    weight = checkpoint.load(tmp_path / "run" / "best.pt")["heads.heads.attributes.weight"]
+    weight = checkpoint.load(tmp_path / "run" / BEST)["heads.heads.attributes.weight"]
     assert torch.count_nonzero(weight[:, slot]) == 0
     assert torch.count_nonzero(weight) > 0

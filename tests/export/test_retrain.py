@@ -9,6 +9,7 @@ import yaml
 from index.bundle import current_version, list_versions, load_bundle
 from export.retrain import LOCK, main
 from train.synthetic import generate
+from train.run import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_distilled_student_is_published_unless_it_falls_short(config, tmp_path):
     assert main(_args(config, tmp_path, "--distill", str(distill), "--min-kept", "1000")) == 0
     run = sorted((tmp_path / "runs").iterdir())[-1]
     bundle = load_bundle(tmp_path / "bundles" / "v2")
-    assert (run / "student" / "metrics.json").is_file()
+    assert (run / "student" / METRICS).is_file()
     assert bundle.manifest.source_run == str(run.resolve()) and bundle.manifest.dim == 8
     # an invalid distillation config fails before any training
     distill.write_text("student: {name: freedom}\n")
