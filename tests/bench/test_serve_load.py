@@ -1,4 +1,4 @@
-"""bench/serve_load.py's h2load mode: body framing, output parsing, and error detection."""
+"""bench.serve_load's h2load mode: body framing, output parsing, and error detection."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +8,14 @@ import pytest
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.server import serve
-from tests.bench import load_bench
+
+from bench import serve_load as bench
 from tests.serve.bundle_factory import BundleSpec, write_test_bundle
 
 H2LOAD_OUTPUT = """finished in 4.00s, 1546.00 req/s, 177.75KB/s
 requests: 4638 total, 4638 started, 4638 done, 4630 succeeded, 8 failed, 0 errored, 0 timeout
 status codes: 4630 2xx, 0 3xx, 0 4xx, 8 5xx
 """
-
-bench = load_bench("serve_load")
 
 
 def test_grpc_frame_and_bodies(tmp_path):
