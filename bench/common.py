@@ -105,14 +105,19 @@ def stage2_settings(method_file: str, args, extra: dict | None = None) -> dict:
 
 def stage2_dir(root: Path, stage1: Path, name: str, s2: dict, seed: int) -> Path:
     """<root>/<backbone>/<name>-<hash of the stage-2 config and the stage-1 root>/<seed>; the
-    hash covers the top-level settings that differ from Stage2Config's defaults, so a new option
-    whose default keeps the old behaviour does not orphan finished runs."""
+    hash covers the settings (group.field) that differ from Stage2Config's defaults, so a new
+    option whose default keeps the old behaviour does not orphan finished runs."""
     from train.config import Stage2Config
 
-    defaults = Stage2Config().model_dump(mode="json")
-    changed = {k: v for k, v in s2.items() if k not in defaults or defaults[k] != v}
-    if changed.get("init_from"):  # <root>/<backbone>/<name>-<hash>/<seed>: the seed varies
-        changed["init_from"] = Path(changed["init_from"]).parent.name
+    def leaves(cfg: dict) -> dict:
+        return {f"{k}.{f}" if k != "method" and isinstance(v, dict) else k: x
+                for k, v in cfg.items()
+                for f, x in (v.items() if k != "method" and isinstance(v, dict) else [(k, v)])}
+
+    defaults = leaves(Stage2Config().model_dump(mode="json"))
+    changed = {k: v for k, v in leaves(s2).items() if k not in defaults or defaults[k] != v}
+    if changed.get("start.init_from"):  # <root>/<backbone>/<name>-<hash>/<seed>: seeds vary
+        changed["start.init_from"] = Path(changed["start.init_from"]).parent.name
     key = json.dumps({"stage2": changed, "stage1_root": str(stage1.resolve().parents[1])},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]

@@ -116,7 +116,7 @@ def tuned_or_stage1(stage1: Path, s2: Stage2Config, cfg: TrainConfig) -> Path:
     tuned = stage1 / "stage2"
     metrics = run_stage2(stage1, s2, tuned, pick_device(cfg.device))
     log.info("stage 2 (%s, %d user group(s)): valid %s %.4f vs stage 1 %.4f", s2.method.name,
-             s2.groups, metric, metrics["valid"][metric], base)
+             s2.perpeft.groups, metric, metrics["valid"][metric], base)
     if metrics["valid"][metric] < base:
         log.warning("stage 2 validates below stage 1: going on with stage 1 %s", stage1)
         return stage1

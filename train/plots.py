@@ -128,7 +128,7 @@ def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarra
     dataset = load_dataset(cfg.data.path)
     before = item_features(cfg.encoders, dataset, device)
     state = checkpoint.load(run_dir / BEST)
-    groups = s2.groups  # PerPEFT: one set of tuned features per user group
+    groups = s2.perpeft.groups  # PerPEFT: one set of tuned features per user group
     after, missing = {}, []
     for m in s2.modalities:
         # a grouped (PerPEFT) backbone keeps one table per group
@@ -154,10 +154,10 @@ def _reencode(run_dir, cfg, s2, dataset, state, modalities, device) -> dict[str,
     """Re-encode every item with the tuned towers stored in best.pt (each group's, PerPEFT)."""
     raw = {"image": dataset.items.images, "text": dataset.items.texts}
     out = {}
-    for g in range(s2.groups):
-        member = "" if s2.groups == 1 else f"members.{g}."
+    for g in range(s2.perpeft.groups):
+        member = "" if s2.perpeft.groups == 1 else f"members.{g}."
         tuned = _reencode_group(run_dir, cfg, s2, state, modalities, device, raw, member)
-        out |= {_label(m, g, s2.groups): f for m, f in tuned.items()}
+        out |= {_label(m, g, s2.perpeft.groups): f for m, f in tuned.items()}
     return out
 
 
@@ -178,7 +178,7 @@ def _reencode_group(run_dir, cfg, s2, state, modalities, device, raw,
                            f"unexpected {result.unexpected_keys[:3]}, missing tuned "
                            f"{sorted(tuned & set(result.missing_keys))[:3]}")
         tower.to(device).eval()
-        out[m] = encode(tower, raw[m], s2.encode_batch_size, device, grad=False).cpu().numpy()
+        out[m] = encode(tower, raw[m], s2.encode.batch_size, device, grad=False).cpu().numpy()
     return out
 
 

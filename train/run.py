@@ -184,7 +184,7 @@ def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
     towers = build_towers(cfg.encoders, s2) if s2 is not None else {}
     if towers:  # registered as stage 2 saved them, so that best.pt loads into them
         modules["towers"] = torch.nn.ModuleDict({m: t.to(device) for m, t in towers.items()})
-    groups = s2.groups if s2 is not None else 1
+    groups = s2.perpeft.groups if s2 is not None else 1
     features = inputs.features
     if groups > 1:  # PerPEFT: the grouped modules as stage 2 saved them (assignment from best.pt)
         placeholder = torch.zeros(inputs.n_users, dtype=torch.long, device=device)
@@ -196,7 +196,7 @@ def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
     modules.eval()
     if towers:
         raw = {"image": data.train.items.images, "text": data.train.items.texts}
-        features = features | tuned_features(towers, raw, s2.encode_batch_size, device)
+        features = features | tuned_features(towers, raw, s2.encode.batch_size, device)
     metrics = (json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
                if (run_dir / METRICS).is_file() else {})
     return Run(run_dir, cfg, data.full, data.train, model, heads, features, metrics, towers,

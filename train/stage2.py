@@ -92,24 +92,25 @@ def build_tuned(cfg: TrainConfig, s2: Stage2Config, data: RunData, stage1_run: P
     model = build_backbone(cfg.backbone, inputs).to(device)
     heads = build_heads(cfg, s2, inputs.features, model, device)
     modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
-    if s2.from_stage1:
+    if s2.start.from_stage1:
         missing = modules.load_state_dict(checkpoint.load(stage1_run / BEST), strict=False)
         log.info("loaded stage-1 weights from %s (not in stage 1: %s)", stage1_run,
                  missing.missing_keys or "none")
     towers = build_towers(cfg.encoders, s2)
     for t in towers.values():
         t.to(device)
-    if s2.init_from is not None:
-        start_from(s2.init_from, cfg, s2, modules, towers)
+    if s2.start.init_from is not None:
+        start_from(s2.start.init_from, cfg, s2, modules, towers)
     frozen = inputs.features
-    if s2.groups > 1:
+    if s2.perpeft.groups > 1:
         with torch.no_grad():
-            assignment = perpeft.cluster_users(model.user_embeddings(), s2.groups, cfg.seed)
-        log.info("PerPEFT: %d user groups of %s users", s2.groups,
-                 perpeft.group_sizes(assignment, s2.groups))
-        model, heads, towers = perpeft.personalise(model, heads, towers, s2.groups, assignment)
+            assignment = perpeft.cluster_users(model.user_embeddings(), s2.perpeft.groups, cfg.seed)
+        log.info("PerPEFT: %d user groups of %s users", s2.perpeft.groups,
+                 perpeft.group_sizes(assignment, s2.perpeft.groups))
+        model, heads, towers = perpeft.personalise(model, heads, towers, s2.perpeft.groups,
+                                                   assignment)
         modules = torch.nn.ModuleDict({"backbone": model.to(device), "heads": heads})
-        frozen = perpeft.tile_features(frozen, s2.groups)
+        frozen = perpeft.tile_features(frozen, s2.perpeft.groups)
     modules["towers"] = torch.nn.ModuleDict(towers)
     raw = {"image": data.train.items.images, "text": data.train.items.texts, "frozen": frozen}
     return Tuned(model, heads, towers, modules, raw)
@@ -127,8 +128,8 @@ def start_from(run: Path, cfg, s2: Stage2Config, modules: torch.nn.ModuleDict,
             raise FileNotFoundError(f"no {BEST}")
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ValueError(f"init_from {path}: not a finished stage-2 run ({err})") from err
-    if other.groups != 1:
-        raise ValueError(f"init_from {path}: a run with {other.groups} groups; the global "
+    if other.perpeft.groups != 1:
+        raise ValueError(f"init_from {path}: a run with {other.perpeft.groups} groups; the global "
                          "tuning is a single-set run (groups: 1)")
     if other_cfg.config_hash() != cfg.config_hash():
         raise ValueError(f"init_from {path}: tuned from a different stage-1 config")
@@ -148,7 +149,7 @@ def param_groups(modules: torch.nn.ModuleDict, s2: Stage2Config) -> list[dict]:
     ids = {id(p) for p in tuned}
     rest = [p for p in modules.parameters() if p.requires_grad and id(p) not in ids]
     return [{"params": rest},
-            {"params": tuned, "lr": s2.tuning_learning_rate or s2.learning_rate}]
+            {"params": tuned, "lr": s2.optim.tuning_learning_rate or s2.optim.learning_rate}]
 
 
 def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.ModuleDict,
@@ -191,8 +192,8 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
     model, heads, towers, modules, raw = (parts.model, parts.heads, parts.towers, parts.modules,
                                           parts.raw)
     dataset = data.train
-    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.learning_rate)
-    if s2.from_stage1 and s2.resume_optimizer:
+    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.optim.learning_rate)
+    if s2.start.from_stage1 and s2.optim.resume_optimizer:
         n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
         log.info("Adam moments of %d parameter tensors restored from stage 1", n)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -200,7 +201,7 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
     test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
     batches = epoch_source(dataset, model, s2, cfg.optim.batch_size, generator)
     # a start from a global stage-2 run (init_from) has tuned towers: its features are theirs
-    reencoded = s2.refresh_at_start or s2.init_from is not None
+    reencoded = s2.encode.refresh_at_start or s2.start.init_from is not None
     current = {"feats": refresh_features(model, towers, raw, s2, device) if reencoded
                else dict(raw["frozen"])}
     kept: dict = {}
@@ -219,21 +220,21 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
         modules.train()
         model.on_epoch_start(generator)
         return train_epoch(model, heads, towers, raw, optimizer, batches(), s2, device,
-                           s2.kt_steps_per_epoch or math.inf)
+                           s2.kt.steps_per_epoch or math.inf)
 
     def validate(epoch: int) -> dict:
-        if (epoch + 1) % s2.refresh_every == 0 or epoch + 1 == s2.epochs:
+        if (epoch + 1) % s2.encode.refresh_every == 0 or epoch + 1 == s2.optim.epochs:
             current["feats"] = refresh_features(model, towers, raw, s2, device)
         return evaluate_model(model, valid_eval)
 
     state = FitState()
     start_valid = start_state(cfg, s2, model, valid_eval, reencoded, state, keep)
-    run_epochs(range(s2.epochs), state, one_epoch, validate, keep, cfg.eval.valid_metric,
-               s2.patience, lambda st: log_epoch(st, cfg.eval.valid_metric), desc="stage 2")
+    run_epochs(range(s2.optim.epochs), state, one_epoch, validate, keep, cfg.eval.valid_metric,
+               s2.optim.patience, lambda st: log_epoch(st, cfg.eval.valid_metric), desc="stage 2")
     worse = below_start(start_valid, state.best_valid, cfg.eval.valid_metric)
     if worse:
         log.warning("%s: the run it started from, %s, serves warm users better", worse,
-                    s2.init_from or stage1_run)
+                    s2.start.init_from or stage1_run)
     result = {k: v for k, v in kept.items() if k != "feats"}
     if kept:
         result |= recalibrate(cfg, s2, data, modules, kept["feats"], out)
@@ -246,9 +247,10 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
 def epoch_source(dataset, model: Backbone, s2: Stage2Config, batch_size: int,
                  generator: torch.Generator):
     """A function giving one epoch of (user group, batch) pairs (group None when ungrouped)."""
-    if s2.groups > 1:
+    if s2.perpeft.groups > 1:
         samplers = perpeft.group_samplers(dataset.train, model.groups.cpu().numpy(),
-                                          dataset.n_items, s2.groups, s2.group_negatives)
+                                          dataset.n_items, s2.perpeft.groups,
+                                          s2.perpeft.group_negatives)
         return lambda: perpeft.group_batches(samplers, batch_size, generator)
     pairs = torch.from_numpy(dataset.train)
     sampler = NegativeSampler(dataset.train, dataset.n_items)
@@ -259,17 +261,17 @@ def start_state(cfg: TrainConfig, s2: Stage2Config, model: Backbone, valid_eval:
                 reencoded: bool, state: FitState, keep) -> dict | None:
     """Validate the loaded state (it checks the load) and, with `keep_start`, make it the
     epoch -1 candidate; returns its validation figures (None without `from_stage1`)."""
-    if not s2.from_stage1:
+    if not s2.start.from_stage1:
         return None
     metric = cfg.eval.valid_metric
     start_valid = evaluate_model(model, valid_eval)
     log.info("stage 2 start (%s weights, %s features): valid %s %.4f",
-             "stage-1" if s2.init_from is None else "init_from",
+             "stage-1" if s2.start.init_from is None else "init_from",
              "re-encoded" if reencoded else "stage-1", metric, start_valid[metric])
-    if s2.keep_start and cfg.heads is None:
+    if s2.start.keep_start and cfg.heads is None:
         log.warning("keep_start ignored: the stage-1 run trained no content heads, so its "
                     "state has no cold-start encoder to export")
-    elif s2.keep_start:
+    elif s2.start.keep_start:
         state.best_valid, state.best_valid_metrics = start_valid[metric], start_valid
         state.best_test_metrics = keep(-1, start_valid)
     return start_valid
@@ -286,7 +288,7 @@ def recalibrate(cfg: TrainConfig, s2: Stage2Config, data: RunData, modules: torc
                 feats: dict, out: Path) -> dict:
     """KT tuning alone serves cold items worse than the stage-1 config's calibrated heads did:
     calibrate them again on the best state's tuned features (not PerPEFT's per-group heads)."""
-    if data.calib is None or not s2.recalibrate:
+    if data.calib is None or not s2.start.recalibrate:
         return {}
     if perpeft.grouped(modules["heads"]):
         log.warning("heads.calibrate is not applied to PerPEFT's per-group heads")
@@ -305,10 +307,10 @@ def stage2_summary(s2: Stage2Config, state: FitState, start_valid: dict | None,
             "epoch_seconds": [h["train_seconds"] + h["eval_seconds"] for h in history],
             "train_seconds": [h["train_seconds"] for h in history],
             "valid_curve": [h["valid"][metric] for h in history],
-            "tuning_loss": s2.tuning_loss, "from_stage1": s2.from_stage1,
-            "method": s2.method.name, "groups": s2.groups,
-            "group_sizes": (perpeft.group_sizes(model.groups, s2.groups)
-                            if s2.groups > 1 else None),
+            "tuning_loss": s2.kt.loss, "from_stage1": s2.start.from_stage1,
+            "method": s2.method.name, "groups": s2.perpeft.groups,
+            "group_sizes": (perpeft.group_sizes(model.groups, s2.perpeft.groups)
+                            if s2.perpeft.groups > 1 else None),
             "trainable_encoder_params": trainable,
             "encoder_params": encoder, "trainable_share": trainable / max(1, encoder)}
 

@@ -29,6 +29,11 @@ def stage1_run(tmp_path_factory):
     return _stage1(tmp_path_factory.mktemp("perpeft"), heads=True)
 
 
+
+def _with(s2: Stage2Config, **flat) -> Stage2Config:
+    """s2 with some settings changed, given by their flat stage-2 keys."""
+    return Stage2Config.model_validate(s2.model_dump() | flat)
+
 def test_cluster_users_finds_separated_groups():
     rng = np.random.default_rng(0)
     centres = np.array([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
@@ -172,7 +177,7 @@ def test_perpeft_run_starts_exactly_at_stage1_and_tunes_groups_apart(stage1_run,
     assert torch.equal(state["backbone.groups"].bincount(minlength=3),
                        torch.tensor(metrics["group_sizes"]))
     # trainable share counts the shared frozen base once and every group's prompts
-    one = run_stage2(stage1_run, s2.model_copy(update={"groups": 1}), tmp_path / "one",
+    one = run_stage2(stage1_run, _with(s2, groups=1), tmp_path / "one",
                      torch.device("cpu"))
     assert metrics["trainable_encoder_params"] == 3 * one["trainable_encoder_params"]
     assert metrics["encoder_params"] == one["encoder_params"] + 2 * one["trainable_encoder_params"]
@@ -239,9 +244,9 @@ def test_groups_start_from_a_global_tuning(stage1_run, tmp_path):
     assert torch.equal(state["towers.text.members.1.token_hook.prompts"],
                        start["towers.text.token_hook.prompts"])
     with pytest.raises(ValueError, match="this run tunes lora"):
-        run_stage2(stage1_run, grouped.model_copy(update={"method": Stage2Config.model_validate(
-            {"method": {"name": "lora"}}).method, "init_from": tmp_path / "global"}),
+        run_stage2(stage1_run, _with(grouped, method={"name": "lora"},
+                                          init_from=tmp_path / "global"),
             tmp_path / "bad", torch.device("cpu"))
     with pytest.raises(ValueError, match="2 groups"):
-        run_stage2(stage1_run, grouped.model_copy(update={"init_from": tmp_path / "pp"}),
+        run_stage2(stage1_run, _with(grouped, init_from=tmp_path / "pp"),
                    tmp_path / "bad2", torch.device("cpu"))

@@ -59,4 +59,4 @@ def test_invalid_field_names_file_and_field(tmp_path, capsys):
     bad.write_text("epochs: 0\n")
     assert stage2_main(["--run", str(tmp_path), "--config", str(bad),
                         "--out", str(tmp_path / "o")]) == 2
-    assert f"{bad}: epochs: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert f"{bad}: optim.epochs: Input should be greater than or equal to 1" in capsys.readouterr().err

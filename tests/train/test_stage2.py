@@ -242,7 +242,7 @@ def test_lora_dropout_needs_tower_dropout():
     with pytest.raises(ValueError, match="tower_dropout"):
         Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1}})
     assert Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1},
-                                        "tower_dropout": True}).tower_dropout
+                                        "tower_dropout": True}).encode.tower_dropout
 
 
 def test_heads_are_calibrated_again_after_stage2(tmp_path):
