@@ -102,7 +102,7 @@ def test_stage2_is_published_unless_it_validates_worse(tmp_path):
 def test_stage2_below_stage1_goes_on_with_stage1(tmp_path, monkeypatch):
     import json
 
-    from train import retrain
+    from export import retrain
     from train.config import TrainConfig
     from train.stage2 import Stage2Config
 
