@@ -35,9 +35,9 @@ class RecommenderClient:
     """Blocking client with a per-call deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 5.0,
-                 tls_ca: Path | None = None):
+                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = ()):
         options = [("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE)]
+                   ("grpc.max_receive_message_length", MAX_MESSAGE), *options]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, creds, options=options)
