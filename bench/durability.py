@@ -221,7 +221,7 @@ def run_store(kind: str, root: Path, args, cluster: PgCluster | None) -> dict:
     """All three measurements on one store."""
     bundles = root / kind
     write_test_bundle(bundles, BundleSpec())
-    url = cluster.new_database() if kind == "postgresql" else str(bundles / ".state")
+    url = cluster.new_store_url() if kind == "postgresql" else str(bundles / ".state")
     options = ["--poll-seconds", "0.5"] + (["--store", url] if kind == "postgresql" else [])
     result = {"durability": durability(bundles, options, url, args)}
     proc, port, _ = start_server(bundles, *options)

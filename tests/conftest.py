@@ -53,10 +53,10 @@ def pg_cluster():
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path) -> str:
-    """An empty event store: a SQLite state folder, or a fresh database in the PG cluster."""
+    """An empty event store: a SQLite state folder, or a fresh schema in the PG cluster."""
     if request.param == "sqlite":
         return str(tmp_path / "state")
-    return request.getfixturevalue("pg_cluster").new_database()
+    return request.getfixturevalue("pg_cluster").new_store_url()
 
 
 def pytest_sessionstart(session):

@@ -89,16 +89,17 @@ class PgCluster:
         """Connection URL of a database in the cluster."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
 
-    def new_database(self) -> str:
-        """Create an empty database; returns its URL."""
+    def new_store_url(self) -> str:
+        """An empty schema of the postgres database; returns a URL whose search_path is it
+        (cheaper than a database per test: nothing to copy, nothing to fsync)."""
         import psycopg
 
         name = f"t_{uuid.uuid4().hex[:12]}"
         for attempt in range(50):
             try:
                 with psycopg.connect(self.url(), autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(f"CREATE DATABASE {name}")
-                return self.url(name)
+                    conn.execute(f"CREATE SCHEMA {name}")
+                return f"{self.url()}?options=-csearch_path%3D{name}"
             except psycopg.OperationalError:
                 if attempt == 49:
                     raise

@@ -36,13 +36,15 @@ class PostgresStore(SQLStore):
         super().__init__(redact(url))
 
     def _connect(self):
-        """Autocommit connection with statement and lock timeouts."""
+        """Autocommit connection with statement and lock timeouts (added to the URL's options)."""
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
+        given = conninfo_to_dict(self.url).get("options") or ""
         return psycopg.connect(
             self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
-                    f"-c lock_timeout={STATEMENT_TIMEOUT_MS}")
+            options=f"{given} -c statement_timeout={STATEMENT_TIMEOUT_MS} "
+                    f"-c lock_timeout={STATEMENT_TIMEOUT_MS}".strip())
 
     def _begin_write(self, cur) -> None:
         """Open a transaction and wait for the writers' advisory lock."""

@@ -144,9 +144,9 @@ def test_sqlite_file_damage_is_skipped(tmp_path):
 
 
 def test_postgres_down_is_unavailable_then_recovers(pg_cluster):
-    store = open_store(pg_cluster.new_database())
+    store = open_store(pg_cluster.new_store_url())
     store.append(ev.upsert(1, b"", "before"))
-    pg_cluster.stop("immediate")  # a crash, not a clean shutdown
+    pg_cluster.stop()
     try:
         with pytest.raises(StoreUnavailable):
             store.append(ev.upsert(2, b"", "while down"))

@@ -29,7 +29,7 @@ def _one_client_per_process(port: int, n: int = 2, tries: int = 64) -> list:
 
 def test_reuse_port_processes_share_writes_through_postgresql(tmp_path, pg_cluster):
     write_test_bundle(tmp_path, BundleSpec())
-    url, port = pg_cluster.new_database(), free_port()
+    url, port = pg_cluster.new_store_url(), free_port()
     options = ("--store", url, "--poll-seconds", str(POLL), "--reuse-port")
     procs = [start_server(tmp_path, *options, port=port)[0] for _ in range(2)]
     try:
