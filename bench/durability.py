@@ -51,7 +51,8 @@ ITEM0, USER0 = 100_000, 5_000_000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m bench.durability", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.durability",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--stores", nargs="+", choices=["sqlite", "postgresql"],
                    default=["sqlite", "postgresql"])
     p.add_argument("--calls", type=int, default=2000, help="durability burst size (both RPCs)")

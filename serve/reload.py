@@ -86,7 +86,8 @@ class ModelHolder:
             model = self.require()
             if not overwrite and model.has_item(item_id):
                 raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
-            vec = model.encode(image, text)
+            with self.metrics.encode_duration.time():
+                vec = model.encode(image, text)
             with self.mutation_lock:
                 if self.model is not model:
                     continue  # swapped while encoding: encode again with the new model
@@ -288,6 +289,7 @@ class Watcher:
         self.metrics, self.poll_seconds, self.retry_seconds = metrics, poll_seconds, retry_seconds
         self.on_swap = on_swap
         self._failed: dict[str, float] = {}
+        self._waiting: tuple[str, ServingModel] | None = None  # loaded, store not readable yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
 
@@ -323,21 +325,31 @@ class Watcher:
             return False
         start = time.perf_counter()
         try:
-            model = self.build(self.bundles_dir / name)
-            model.smoke()
+            model = self._load(name)
             self.holder.swap(model, name)
-        except StoreError as err:  # not the bundle's fault: try again at the next poll
+        except StoreError as err:  # not the bundle's fault: keep it loaded, retry next poll
             log.warning("cannot replay the event store onto bundle %s yet (%s); still serving "
                         "%s", name, err, self.holder.name or "nothing")
             return False
         except Exception as err:  # noqa: BLE001 - refuse the bundle, keep serving the old one
+            self._waiting = None
             return self._fail(name, err)
+        self._waiting = None
         self._failed.pop(name, None)
         self.metrics.reloads.labels(result="success").inc()
         log.info("serving bundle %s (loaded in %.2f s)", name, time.perf_counter() - start)
         if self.on_swap:
             self.on_swap(model)
         return True
+
+    def _load(self, name: str) -> ServingModel:
+        """The verified, smoke-tested model of a bundle (kept while the store is unreadable)."""
+        if self._waiting is not None and self._waiting[0] == name:
+            return self._waiting[1]
+        model = self.build(self.bundles_dir / name)
+        model.smoke()
+        self._waiting = (name, model)
+        return model
 
     def _fail(self, name: str, err: Exception) -> bool:
         """Count and log a refused bundle, remembering when it failed."""

@@ -78,9 +78,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             check_item(request.image, request.text, self.limits)
             request_id = check_request_id(request.request_id, self.limits)
             self.holder.require().require_encoder()
-            with self.metrics.encode_duration.time():
-                done = self.holder.upsert(item_id, request.image, request.text,
-                                          request.overwrite, request_id)
+            done = self.holder.upsert(item_id, request.image, request.text, request.overwrite,
+                                      request_id)
             return pb.UpsertItemResponse(item_id=item_id, replaced=done.replaced,
                                          model_version=done.model.version,
                                          index_items=done.model.n_items,

@@ -167,3 +167,24 @@ def test_holder_without_model_is_unavailable():
         holder.require()
     with pytest.raises(Unavailable):
         holder.delete(1)
+
+
+def test_unreadable_store_postpones_the_swap(bundles, watched, monkeypatch):
+    from index.events import StoreUnavailable
+
+    holder, watcher, metrics = watched
+    holder.upsert(77, *probe_item(), overwrite=False)
+    write_test_bundle(bundles, BundleSpec(seed=1))
+    real, builds = holder.store.head, []
+    build = watcher.build
+    watcher.build = lambda path: builds.append(path) or build(path)
+
+    def down():
+        raise StoreUnavailable("database down")
+
+    monkeypatch.setattr(holder.store, "head", down)
+    assert not watcher.check() and not watcher.check()
+    assert holder.model.version == 1 and reloads(metrics, "failure") == 0
+    monkeypatch.setattr(holder.store, "head", real)
+    assert watcher.check() and holder.model.version == 2 and holder.model.has_item(77)
+    assert len(builds) == 1  # loaded once, swapped when the store came back
