@@ -22,8 +22,8 @@ and after) must show no status but OK. Without h2load that part is skipped with 
 With several processes the kernel spreads connections by a hash of their addresses, so with few
 connections all of them may land on one process: the per-process OK column shows the split.
 
-    python bench/serve_load.py --sizes 100000 1000000 --swaps 20 --soak-seconds 600
-    python bench/serve_load.py --driver h2load --swaps 0 --server-configs 1x8 2x4
+    python -m bench.serve_load --sizes 100000 1000000 --swaps 20 --soak-seconds 600
+    python -m bench.serve_load --driver h2load --swaps 0 --server-configs 1x8 2x4
 """
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
 TARGETS = {"p99_ms_1client_1M": 5.0, "throughput_rps": 2000, "swap_errors": 0, "rss_growth": 0.05}
 RECOMMEND_PATH = "/ptmrec.v1.Recommender/Recommend"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import logging
 import sys
 import time
@@ -38,15 +37,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 
 from export import export_run
-from train.__main__ import pick_device
-from train.config import TrainConfig, load_config, load_raw
+from train.cli import EXIT_CONFIG, load_or_report, parser, setup_logging
+from train.config import Stage2Config, TrainConfig, load_config, load_stage2
 from train.distill import DistillConfig, load_distill_config, run_distill
+from train.run import pick_device, read_metrics
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, run_stage2
+from train.stage2 import run_stage2
 
 log = logging.getLogger("export.retrain")
 LOCK = ".retrain.lock"
@@ -54,14 +52,10 @@ LOCK = ".retrain.lock"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments of the retraining job."""
-    p = argparse.ArgumentParser(prog="python -m export.retrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="YAML run config")
+    p = parser("python -m export.retrain", __doc__)
     p.add_argument("--bundles", type=Path, required=True, help="bundles directory to publish to")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/retrain"),
                    help="parent of the timestamped run directories")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c",
-                   help="override one config key (repeatable)")
     p.add_argument("--factory", default="Flat", help="FAISS factory string of the item index")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 ONNX encoders")
     p.add_argument("--stage2", type=Path, default=None, metavar="STAGE2.yaml",
@@ -109,7 +103,7 @@ def distilled_or_teacher(teacher: Path, dcfg: DistillConfig, cfg: TrainConfig,
     """Distil `teacher` into teacher/student; the run to publish: the student when it keeps at
     least `min_kept` of the teacher's validation metric, else the teacher."""
     metric = (dcfg.eval or cfg.eval).valid_metric
-    teacher_valid = json.loads((teacher / "metrics.json").read_text())["valid"][metric]
+    teacher_valid = read_metrics(teacher).valid[metric]
     student = teacher / "student"
     metrics = run_distill(teacher, dcfg, student, pick_device(cfg.device))
     kept = metrics["valid"][metric] / teacher_valid if teacher_valid > 0 else 0.0
@@ -127,7 +121,7 @@ def tuned_or_stage1(stage1: Path, s2: Stage2Config, cfg: TrainConfig) -> Path:
     """Stage 2 on `stage1` into stage1/stage2; the run to go on with: stage 2 unless its
     validation metric is below stage 1's."""
     metric = cfg.eval.valid_metric
-    base = json.loads((stage1 / "metrics.json").read_text())["valid"][metric]
+    base = read_metrics(stage1).valid[metric]
     tuned = stage1 / "stage2"
     metrics = run_stage2(stage1, s2, tuned, pick_device(cfg.device))
     log.info("stage 2 (%s, %d user group(s)): valid %s %.4f vs stage 1 %.4f", s2.method.name,
@@ -154,21 +148,13 @@ def with_store_data(cfg: TrainConfig, url: str, run_dir: Path) -> tuple[TrainCon
 
 def retrain(args: argparse.Namespace) -> int:
     """Train, export and publish; returns the exit code."""
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ValidationError, ValueError, OSError) as err:
-        log.error("invalid config %s: %s", args.config, err)
-        return 2
-    try:
-        s2 = (Stage2Config.model_validate(load_raw(args.stage2, [])) if args.stage2 else None)
-    except (ValidationError, ValueError, OSError, yaml.YAMLError) as err:
-        log.error("invalid stage-2 config %s: %s", args.stage2, err)
-        return 2
-    try:
-        dcfg = load_distill_config(args.distill, []) if args.distill else None
-    except (ValidationError, ValueError, OSError, yaml.YAMLError) as err:
-        log.error("invalid distillation config %s: %s", args.distill, err)
-        return 2
+    cfg = load_or_report(load_config, args.config, args.overrides)
+    s2 = (load_or_report(load_stage2, args.stage2, [], "stage-2 config") if args.stage2
+          else None)
+    dcfg = (load_or_report(load_distill_config, args.distill, [], "distillation config")
+            if args.distill else None)
+    if cfg is None or (args.stage2 and s2 is None) or (args.distill and dcfg is None):
+        return EXIT_CONFIG
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = fresh_run_dir(args.runs_dir)
@@ -211,8 +197,7 @@ def retrain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     try:
         with exclusive(args.bundles):

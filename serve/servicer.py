@@ -1,8 +1,9 @@
 """The gRPC servicer: one short method per RPC over a model holder, metrics and limits.
 
 Every method reads `holder.model` once, so a hot swap never changes the model mid-request. Errors
-map to status codes through the ServeError classes (see serve.limits and the README's table); any
-other exception becomes INTERNAL with a reference that is also logged, so the server never dies
+map to status codes through the ServeError classes (see serve.limits and the table in
+docs/serving.md); any other exception becomes INTERNAL with a reference that is also logged, so
+the server never dies
 on input.
 """
 from __future__ import annotations

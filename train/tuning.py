@@ -4,16 +4,12 @@ without KT), and one training epoch of (user group, batch) pairs.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from train import perpeft
-from train.fit import batch_to
+from train.config import Stage2Config
 from train.losses import bpr_loss, knowledge_transfer
-
-if TYPE_CHECKING:
-    from train.stage2 import Stage2Config
+from train.sampling import batch_to
 
 
 def length_order(tower, raw: list) -> list[int] | None:

@@ -9,6 +9,7 @@ import yaml
 from index.bundle import current_version, list_versions, load_bundle
 from export.retrain import LOCK, main
 from train.synthetic import generate
+from train.run import METRICS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_distilled_student_is_published_unless_it_falls_short(config, tmp_path):
     assert main(_args(config, tmp_path, "--distill", str(distill), "--min-kept", "1000")) == 0
     run = sorted((tmp_path / "runs").iterdir())[-1]
     bundle = load_bundle(tmp_path / "bundles" / "v2")
-    assert (run / "student" / "metrics.json").is_file()
+    assert (run / "student" / METRICS).is_file()
     assert bundle.manifest.source_run == str(run.resolve()) and bundle.manifest.dim == 8
     # an invalid distillation config fails before any training
     distill.write_text("student: {name: freedom}\n")
@@ -100,13 +101,12 @@ def test_stage2_is_published_unless_it_validates_worse(tmp_path):
 
 
 def test_stage2_below_stage1_goes_on_with_stage1(tmp_path, monkeypatch):
-    import json
-
     from export import retrain
-    from train.config import TrainConfig
-    from train.stage2 import Stage2Config
+    from train.config import Stage2Config, TrainConfig
+    from train.run import write_metrics
 
-    (tmp_path / "metrics.json").write_text(json.dumps({"valid": {"recall@20": 0.5}}))
+    write_metrics(tmp_path, {"valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
+                             "best_epoch": 3, "epochs_run": 5})
     cfg = TrainConfig.model_validate({"data": {"path": str(tmp_path)}, "backbone": {"name": "bpr"}})
     for tuned, expected in ((0.4, tmp_path), (0.5, tmp_path / "stage2")):
         monkeypatch.setattr(retrain, "run_stage2",
