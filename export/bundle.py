@@ -250,9 +250,10 @@ def _write_arrays(tmp: Path, arrays: BundleArrays) -> None:
 def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
                quantize: str | None = None, publish_bundle: bool = False,
                exporter: str = "dynamo", parity_items: int = PARITY_ITEMS,
-               stage1_config: Path | None = None) -> Path:
+               stage1_config: Path | None = None, event_watermark: int = 0) -> Path:
     """Write bundles_dir/vN from a stage-1 or stage-2 run (optionally publishing it); returns the
-    bundle path. `stage1_config`: the stage-1 config of a stage-2 run that lacks its copy."""
+    bundle path. `stage1_config`: the stage-1 config of a stage-2 run that lacks its copy;
+    `event_watermark`: the last event-store id the run's training data included."""
     run_dir, bundles_dir = Path(run_dir), Path(bundles_dir)
     run = load_run(run_dir, stage1_config=stage1_config)
     arrays = assemble(run)
@@ -262,7 +263,8 @@ def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
     scratch.mkdir()
     try:
         spec, parity = export_encoders(run, scratch, quantize, exporter, parity_items)
-        manifest = build_manifest(run, arrays, factory, spec, parity)
+        manifest = build_manifest(run, arrays, factory, spec, parity).model_copy(
+            update={"event_watermark": event_watermark})
 
         def write_files(tmp: Path) -> None:
             _write_arrays(tmp, arrays)

@@ -16,8 +16,14 @@ distilled from it into RUN/student and exported instead, provided it keeps at le
 of the teacher's validation metric; otherwise the teacher is exported (logged), so a bad student
 never replaces a good model. An invalid distillation config is exit 2 before any training.
 
+With `--store URL` (the servers' event store: a SQLite state folder such as BUNDLES/.state, or
+postgresql://...) the run trains on RUN/data: the config's dataset plus the items created online
+and the recorded interactions (index.events.dataset), and the bundle's manifest records the
+store position it covers (`event_watermark`), so servers stop replaying those events after the
+swap. A store that cannot be read publishes nothing (exit 1).
+
 Nightly at 03:00 (cron):
-    0 3 * * * cd /srv/ptmrec && .venv/bin/python -m export.retrain --config configs/demo.yaml --bundles /srv/bundles >> /var/log/ptmrec-retrain.log 2>&1
+    0 3 * * * cd /srv/ptmrec && .venv/bin/python -m export.retrain --config configs/demo.yaml --bundles /srv/bundles --store /srv/bundles/.state >> /var/log/ptmrec-retrain.log 2>&1
 """
 from __future__ import annotations
 
@@ -57,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "it validates worse than stage 1")
     p.add_argument("--distill", type=Path, default=None, metavar="DISTILL.yaml",
                    help="distil the trained run into a light student and publish that")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="event store to add to the training data (SQLite state folder or "
+                        "postgresql://...)")
     p.add_argument("--min-kept", type=float, default=0.95,
                    help="with --distill: the student's share of the teacher's validation metric "
                         "below which the teacher is published instead")
@@ -123,6 +132,20 @@ def tuned_or_stage1(stage1: Path, s2: Stage2Config, cfg: TrainConfig) -> Path:
     return tuned
 
 
+def with_store_data(cfg: TrainConfig, url: str, run_dir: Path) -> tuple[TrainConfig, int]:
+    """The config retargeted at RUN/data (base dataset + event store) and its watermark."""
+    from index.events import open_store
+    from index.events.dataset import write_training_dataset
+
+    store = open_store(url)
+    try:
+        summary = write_training_dataset(store, cfg.data.path, run_dir / "data")
+    finally:
+        store.close()
+    data = cfg.data.model_copy(update={"path": run_dir / "data"})
+    return cfg.model_copy(update={"data": data}), summary.watermark
+
+
 def retrain(args: argparse.Namespace) -> int:
     """Train, export and publish; returns the exit code."""
     cfg = load_or_report(load_config, args.config, args.overrides)
@@ -136,6 +159,13 @@ def retrain(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.threads)
     run_dir = fresh_run_dir(args.runs_dir)
     start = time.perf_counter()
+    watermark = 0
+    if args.store:
+        try:
+            cfg, watermark = with_store_data(cfg, args.store, run_dir)
+        except Exception:  # noqa: BLE001 - no training data, nothing published
+            log.exception("could not add the event store to the training data; nothing published")
+            return 1
     try:
         metrics = run_stage1(cfg, run_dir, pick_device(cfg.device))
     except Exception:  # noqa: BLE001 - any training failure must leave the live bundle alone
@@ -157,7 +187,7 @@ def retrain(args: argparse.Namespace) -> int:
             return 1
     try:
         path = export_run(run_dir, args.bundles, factory=args.factory, quantize=args.quantize,
-                          publish_bundle=True)
+                          publish_bundle=True, event_watermark=watermark)
     except Exception:  # noqa: BLE001 - same: a failed export publishes nothing
         log.exception("export of %s failed; nothing published", run_dir)
         return 1

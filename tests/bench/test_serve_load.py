@@ -6,10 +6,9 @@ import shutil
 
 import pytest
 
+from bench import serve_load as bench
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.server import serve
-
-from bench import serve_load as bench
 from tests.serve.bundle_factory import BundleSpec, write_test_bundle
 
 H2LOAD_OUTPUT = """finished in 4.00s, 1546.00 req/s, 177.75KB/s

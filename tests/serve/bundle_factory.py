@@ -49,6 +49,7 @@ class BundleSpec:
     items: np.ndarray | None = field(default=None, repr=False)  # (n_items, dim) override
     users: np.ndarray | None = field(default=None, repr=False)  # (n_users, dim) override
     search_params: dict = field(default_factory=dict)           # ef_search= / nprobe=
+    event_watermark: int = 0                                    # last store event it covers
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -188,7 +189,7 @@ def write_test_bundle(bundles_dir: Path, spec: BundleSpec | None = None,
                         counts=Counts(users=spec.n_users, items=spec.n_items,
                                       cold_start=spec.encoders),
                         encoder=encoder_spec() if spec.encoders else None,
-                        metrics={"recall@20": 0.1})
+                        metrics={"recall@20": 0.1}, event_watermark=spec.event_watermark)
     path = bundle.write_bundle(bundles_dir, write, manifest)
     if publish:
         bundle.publish(bundles_dir, path.name)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
-from serve.reload import Journal, ModelHolder
+from index.events import open_store
+from serve.reload import ModelHolder
 from serve.servicer import RecommenderServicer
 from tests.serve.bundle_factory import png, probe_item
 from tests.serve.conftest import SMALL_LIMITS, Aborted, brute_force, make_holder
@@ -172,7 +173,8 @@ def test_no_encoder_is_failed_precondition(bundle_no_encoder, metrics, ctx):
 
 
 def test_no_bundle_is_unavailable(metrics, ctx):
-    servicer = RecommenderServicer(ModelHolder(Journal(10, 10**6), metrics), metrics, SMALL_LIMITS)
+    servicer = RecommenderServicer(ModelHolder(open_store(":memory:"), metrics), metrics,
+                                   SMALL_LIMITS)
     calls = [lambda: rec(servicer, ctx),
              lambda: servicer.RecommendBatch(pb.RecommendBatchRequest(
                  requests=[pb.RecommendRequest(k=1)]), ctx),
