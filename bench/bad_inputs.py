@@ -31,7 +31,7 @@ from bench.common import ROOT
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.client import RecommenderClient
-from tests.serve.bundle_factory import BundleSpec, png, write_test_bundle
+from bench.bundle_factory import BundleSpec, png, write_test_bundle
 
 MIB = 1024 * 1024
 OK, INVALID, EXHAUSTED = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"

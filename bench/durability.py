@@ -1,7 +1,7 @@
 """Durable online writes, measured: kill -9 mid-burst, write throughput, read latency, fold-in.
 
-For SQLite (the default state folder) and PostgreSQL (a throwaway cluster, tests/pgcluster.py) a
-synthetic bundle with tiny ONNX encoders (tests/serve/bundle_factory.py) is served by
+For SQLite (the default state folder) and PostgreSQL (a throwaway cluster, bench/pgcluster.py) a
+synthetic bundle with tiny ONNX encoders (bench/bundle_factory.py) is served by
 `python -m serve` on loopback and:
 1. durability: `--threads` client threads send `--calls` UpsertItem and RecordInteractions calls
    (alternating, each with its own request id, retried on UNAVAILABLE until answered OK) while the
@@ -40,9 +40,9 @@ import yaml
 
 from index.atomic import write_bytes
 from index.events import open_store
-from tests.pgcluster import PgCluster, free_port
-from tests.serve.bundle_factory import BundleSpec, png, write_test_bundle
-from tests.serve.procs import ROOT, client, start_server, stop, wait_serving
+from bench.pgcluster import PgCluster, free_port
+from bench.bundle_factory import BundleSpec, png, write_test_bundle
+from bench.procs import ROOT, client, start_server, stop, wait_serving
 
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
          grpc.StatusCode.CANCELLED}

@@ -103,7 +103,7 @@ def clustered(n: int, dim: int, seed: int, centres: int = 2000, noise: float = 0
 
 def make_bundle(root: Path, n_items: int, args: argparse.Namespace):
     """Write and publish the synthetic bundle; returns (path, BundleSpec)."""
-    from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+    from bench.bundle_factory import BundleSpec, write_test_bundle
 
     params = {"ef_search": args.ef_search} if "HNSW" in args.factory else (
         {"nprobe": args.nprobe} if "IVF" in args.factory else {})
@@ -247,7 +247,7 @@ class Load:
 def bench_encode(target: str, n: int) -> dict:
     """EncodeItem latency with random 64x64 PNGs and short texts (sync client)."""
     from serve.client import RecommenderClient
-    from tests.serve.bundle_factory import WORDS, png
+    from bench.bundle_factory import WORDS, png
 
     rng = np.random.default_rng(0)
     payloads = [(png(tuple(int(c) for c in rng.integers(0, 255, 3)), (64, 64), seed=i),
@@ -300,7 +300,7 @@ def hot_swaps(root: Path, source: Path, target: str, n: int, args, spec) -> dict
 def soak(proc: subprocess.Popen, target: str, seconds: float, args, spec) -> dict:
     """Recommend load (8 clients) plus ~10 EncodeItem/s; VmRSS sampled every 2 s."""
     from serve.client import RecommenderClient
-    from tests.serve.bundle_factory import probe_item
+    from bench.bundle_factory import probe_item
 
     load = Load(target, 8, args, spec, seconds=seconds, max_requests=10**8)
     time.sleep(3)

@@ -40,7 +40,7 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
 def pg_cluster():
     """A throwaway PostgreSQL cluster for the session; skipped when PostgreSQL is missing,
     except in CI (CI=1), where a missing PostgreSQL is a failure."""
-    from tests.pgcluster import cluster_or_reason
+    from bench.pgcluster import cluster_or_reason
 
     cluster, why = cluster_or_reason()
     if cluster is None:

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("train", "export", "index", "serve", "protos", "bench")
-# package -> first-party packages it must never import
+PACKAGES = ("train", "export", "index", "serve", "protos", "bench", "tests")
+# package -> first-party packages it must never import (tests may import anything)
 FORBIDDEN = {
-    "train": {"export", "serve", "bench"},
-    "export": {"serve", "bench"},
-    "index": {"train", "export", "serve", "bench"},
-    "serve": {"train", "export", "bench"},
-    "protos": {"train", "export", "index", "serve", "bench"},
+    "train": {"export", "serve", "bench", "tests"},
+    "export": {"serve", "bench", "tests"},
+    "index": {"train", "export", "serve", "bench", "tests"},
+    "serve": {"train", "export", "bench", "tests"},
+    "protos": {"train", "export", "index", "serve", "bench", "tests"},
+    "bench": {"tests"},
 }
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -128,6 +129,7 @@ def test_no_import_cycle():
     ("train.injected", "from export.bundle import export_run", "layer"),
     ("index.injected", "from serve import errors", "layer"),
     ("train.injected", "def f():\n    from serve.errors import ServeError", "layer"),
+    ("bench.injected", "from tests.conftest import ROOT", "layer"),
     ("train.modules", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import train.stage1",
      "cycle"),
 ])

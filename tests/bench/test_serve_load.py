@@ -9,7 +9,7 @@ import pytest
 from bench import serve_load as bench
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.server import serve
-from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+from bench.bundle_factory import BundleSpec, write_test_bundle
 
 H2LOAD_OUTPUT = """finished in 4.00s, 1546.00 req/s, 177.75KB/s
 requests: 4638 total, 4638 started, 4638 done, 4630 succeeded, 8 failed, 0 errored, 0 timeout

@@ -10,7 +10,7 @@ from index import events as ev
 from index.events import StoreError, open_store
 from index.events.dataset import MARKER, dataset_watermark, write_training_dataset
 from tests.conftest import write_inter
-from tests.serve.bundle_factory import png
+from bench.bundle_factory import png
 from train.data import load_dataset
 
 

@@ -12,7 +12,7 @@ from serve.limits import Limits
 from serve.metrics import Metrics
 from serve.reload import ModelHolder, build_model
 from serve.servicer import RecommenderServicer
-from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+from bench.bundle_factory import BundleSpec, write_test_bundle
 
 SMALL_LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=2_000_000, max_text_chars=500,
                       max_exclude=300, max_recent=50, max_batch=8)

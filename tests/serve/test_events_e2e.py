@@ -5,9 +5,9 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.pgcluster import free_port
-from tests.serve.bundle_factory import BundleSpec, probe_item, write_test_bundle
-from tests.serve.procs import client, start_server, stop, wait_serving
+from bench.pgcluster import free_port
+from bench.bundle_factory import BundleSpec, probe_item, write_test_bundle
+from bench.procs import client, start_server, stop, wait_serving
 
 POLL = 0.2
 

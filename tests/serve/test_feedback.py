@@ -9,7 +9,7 @@ from index.events import SQLiteStore, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve.metrics import Metrics
 from serve.servicer import RecommenderServicer
-from tests.serve.bundle_factory import probe_item
+from bench.bundle_factory import probe_item
 from tests.serve.conftest import SMALL_LIMITS, Aborted, brute_force, make_holder
 from tests.serve.test_servicer import ids_of, rec, status
 

@@ -10,7 +10,7 @@ from serve.errors import Unavailable
 from serve.limits import Query
 from serve.metrics import Metrics
 from serve.reload import ModelHolder, Watcher, build_model
-from tests.serve.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
+from bench.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from index.events import open_store
 from index.events.dataset import write_training_dataset
 from serve.store import main
 from tests.conftest import write_inter
-from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+from bench.bundle_factory import BundleSpec, write_test_bundle
 
 
 def test_show_and_compact(tmp_path, capsys):

@@ -12,7 +12,7 @@ import grpc
 
 from serve.client import RecommenderClient
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(bundles: Path, *options: str, port: int = 0) -> tuple[subprocess.Popen, int, int]:
