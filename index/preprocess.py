@@ -136,7 +136,7 @@ def transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     size = resized_size(img.width, img.height, spec)
     if min(size) < 1:
         raise ImageError(f"image of {img.width}x{img.height} pixels is too thin to resize")
-    if size[0] * size[1] > MAX_RESIZE_AREA * spec.size[0] * spec.size[1]:
+    if size[0] * size[1] > max(MAX_RESIZE_AREA * spec.size[0] * spec.size[1], DEFAULT_MAX_PIXELS):
         raise ImageError(f"image of {img.width}x{img.height} pixels has an aspect ratio that "
                          f"would resize it to {size[0]}x{size[1]} before cropping to "
                          f"{spec.size[1]}x{spec.size[0]}; at most {MAX_RESIZE_AREA}x the "
