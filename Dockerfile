@@ -2,8 +2,8 @@
 # Two images from one base:
 #   docker build --target serve -t ptmrec-serve .     # torch-free gRPC server (default target)
 #   docker build --target train -t ptmrec-train .     # training + export (+ serving deps)
-# Run the server with bundles mounted read-only:
-#   docker run --rm -p 50051:50051 -p 9100:9100 -v "$PWD/bundles:/bundles:ro" ptmrec-serve
+# Run the server with bundles mounted read-only and the event store on a named volume:
+#   docker run --rm -p 50051:50051 -p 9100:9100 -v "$PWD/bundles:/bundles:ro" -v ptmrec-state:/state ptmrec-serve
 # A CPU-only train image: --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -38,16 +38,18 @@ RUN python -m venv /opt/venv \
 FROM base AS serve
 COPY --from=serve-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+RUN mkdir /state && chown app /state
 USER app
 WORKDIR /home/app
-VOLUME ["/bundles"]
+VOLUME ["/bundles", "/state"]
 EXPOSE 50051 9100
 # Exit status 0 only when grpc.health.v1 reports SERVING (a bundle is loaded and smoke-tested).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "serve.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
 # Inside a container the server must listen on all interfaces for -p to reach it.
-ENTRYPOINT ["python", "-m", "serve", "--bundles", "/bundles", "--host", "0.0.0.0", \
-            "--port", "50051", "--metrics-host", "0.0.0.0", "--metrics-port", "9100"]
+ENTRYPOINT ["python", "-m", "serve", "--bundles", "/bundles", "--state", "/state", \
+            "--host", "0.0.0.0", "--port", "50051", "--metrics-host", "0.0.0.0", \
+            "--metrics-port", "9100"]
 CMD []
 
 # Training and export: everything, with the same stubs so exported bundles can be smoke-served.

@@ -19,28 +19,25 @@ Prints test and validation Recall@20 (mean ± std over seeds, test at the best v
 as a markdown table, and writes a bar chart (--png, default <out>/ablation.png).
 
 Usage (CPU-feasible caps):
-  .venv/bin/python bench/ablation.py --backbones lightgcn_mm --seeds 999 --epochs 2 --kt-steps 4
-At Baby-like training density (a sparse copy of ml100k_mm from bench/sparse_data.py):
-  .venv/bin/python bench/ablation.py --data runs/bench/data/ml100k_sparse6 \
+  .venv/bin/python -m bench.ablation --backbones lightgcn_mm --seeds 999 --epochs 2 --kt-steps 4
+At Baby-like training density (a sparse copy of ml100k_mm from bench.sparse_data):
+  .venv/bin/python -m bench.ablation --data runs/bench/data/ml100k_sparse6 \
       --stage1-root runs/bench/ml100k_sparse6 --out runs/bench/stage2_sparse6 \
       --backbones lightgcn_mm_text freedom_text --variants frozen full no_kt
-Runs are shared with bench/peft_table.py (the same stage-2 config lands in the same directory).
+Runs are shared with bench.peft_table (the same stage-2 config lands in the same directory).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from train.run import read_metrics
 
-from bench.peft_table import (add_common_args, fmt, stage1_run, stage2_dir,  # noqa: E402
+from bench.common import (add_common_args, fmt, stage1_run, stage2_dir,
                               stage2_run, stage2_settings)
-from train.stage2 import Stage2Config  # noqa: E402
+from train.config import Stage2Config
 
 VARIANTS = ["frozen", "joint", "no_kt", "full", "perpeft", "perpeft_global"]
 LABELS = {"frozen": "frozen encoders (stage 1)", "joint": "joint prompts, no stage 1",
@@ -55,7 +52,7 @@ def variant_runs(variant: str, backbone: str, args) -> list[dict]:
     for seed in args.seeds:
         stage1 = stage1_run(backbone, seed, args)
         if variant == "frozen":
-            runs.append(json.loads((stage1 / "metrics.json").read_text()))
+            runs.append(read_metrics(stage1).model_dump())
             continue
         if variant.startswith("perpeft"):
             settings = stage2_settings("perpeft", args)

@@ -8,7 +8,7 @@ texts up to past the length limit), bounded by `--max-seconds`. Prints the statu
 checks that the server process is alive, health is SERVING, a Recommend returns exactly what it
 returned before, and the index size is unchanged.
 
-    python bench/bad_inputs.py [--random 10000] [--max-seconds 300]
+    python -m bench.bad_inputs [--random 10000] [--max-seconds 300]
 """
 from __future__ import annotations
 
@@ -27,12 +27,11 @@ from pathlib import Path
 import grpc
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
-from serve._gen.ptmrec.v1 import recommender_pb2 as pb  # noqa: E402
-from serve.client import RecommenderClient  # noqa: E402
-from tests.serve.bundle_factory import BundleSpec, png, write_test_bundle  # noqa: E402
+from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+from serve.client import RecommenderClient
+from bench.bundle_factory import BundleSpec, png, write_test_bundle
 
 MIB = 1024 * 1024
 OK, INVALID, EXHAUSTED = "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"

@@ -1,6 +1,6 @@
 """Cold-item Recall/NDCG@20 of the content heads vs random and content-kNN (mean ± std over seeds).
 
-Usage: .venv/bin/python bench/coldstart_table.py [--datasets ml100k syn2k] [--seeds ...] [--threads 1]
+Usage: .venv/bin/python -m bench.coldstart_table [--datasets ml100k syn2k] [--seeds ...] [--threads 1]
 - ml100k: `configs/ml100k/coldstart.yaml` on ../shared/data/ml100k_mm (override with --data);
 - ml100k_image: `configs/ml100k/coldstart_image.yaml` (poster only, EfficientNet-Lite0) on the same.
 - syn2k: a 2,000-user x 1,000-item synthetic catalogue (`train.synthetic`, seed 11) with
@@ -10,21 +10,19 @@ Finished runs under --out are reused (--rerun ignores them).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, SHARED_DATA
+from train.run import METRICS, read_metrics
 
-from bench.peft_table import fmt  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.stage1 import run_stage1  # noqa: E402
-from train.synthetic import generate  # noqa: E402
+from bench.common import fmt
+from train.config import load_config
+from train.stage1 import run_stage1
+from train.synthetic import generate
 
 SEEDS = {"ml100k": [999, 1000, 1001], "ml100k_image": [999, 1000, 1001], "syn2k": [7, 8, 9]}
 RANKERS = ["heads", "random", "content_knn"]
@@ -33,8 +31,8 @@ RANKERS = ["heads", "random", "content_knn"]
 def run_one(dataset: str, seed: int, args) -> dict:
     """Train one seed of one dataset's cold-start config (reusing a finished run)."""
     out = args.out / dataset / str(seed)
-    if (out / "metrics.json").is_file() and not args.rerun:
-        return json.loads((out / "metrics.json").read_text())
+    if (out / METRICS).is_file() and not args.rerun:
+        return read_metrics(out).model_dump()
     overrides = [f"seed={seed}"] + ([f"threads={args.threads}"] if args.threads else [])
     overrides += args.overrides
     if dataset.startswith("ml100k"):
@@ -54,7 +52,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--datasets", nargs="+", choices=sorted(SEEDS), default=sorted(SEEDS))
     p.add_argument("--seeds", nargs="+", type=int, help="default: 999 1000 1001 / 7 8 9")
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ml100k_mm")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "ml100k_mm")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "coldstart")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rerun", action="store_true", help="ignore finished runs")

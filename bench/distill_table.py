@@ -1,6 +1,6 @@
 """Distilled students (train/distill.py) against their teacher and against small models alone.
 
-For each teacher run (--teacher-root/<backbone>/<seed>, bench/ml100k_table.py's layout) and each
+For each teacher run (--teacher-root/<backbone>/<seed>, bench.ml100k_table's layout) and each
 student width, trains the variants below with `train.distill.run_distill` (same data, split and
 seed as the teacher) and prints test Recall@20 / NDCG@20, mean ± sample std over the seeds, with
 the share of the teacher's Recall@20 kept and the bytes per item vector in the index:
@@ -11,7 +11,7 @@ the share of the teacher's Recall@20 kept and the bytes per item vector in the i
 - `kd`: that initialisation, then its own loss + pairwise + listwise KD (the default config);
 - `kd_random`: random init + the KD losses (what the distillation losses do without the init).
 
-    .venv/bin/python bench/distill_table.py --teachers freedom --dims 16 32 \
+    .venv/bin/python -m bench.distill_table --teachers freedom --dims 16 32 \
         --seeds 999 1000 1001 --threads 1 --jobs 2
 
 Runs go to --out/<teacher>/<variant>-<student><dim>[-<kd overrides>]/<seed> and are reused when
@@ -20,18 +20,16 @@ finished with the same distillation config (else trained again).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
+from train.run import CONFIG, METRICS, read_metrics
 
-from bench.peft_table import fmt  # noqa: E402
+from bench.common import fmt
 
 NO_KD = {"pair_weight": 0.0, "list_weight": 0.0}
 VARIANTS = {
@@ -101,10 +99,9 @@ def _run(job: tuple) -> dict:
 
     teacher_run = args.teacher_root / teacher / str(seed)
     out = args.out / teacher / run_name(variant, dim, args) / str(seed)
-    dcfg = distill_config(variant, dim, load_config(teacher_run / "config.yaml"), args)
-    done = out / "metrics.json"
-    if done.is_file():
-        metrics = json.loads(done.read_text())
+    dcfg = distill_config(variant, dim, load_config(teacher_run / CONFIG), args)
+    if (out / METRICS).is_file():
+        metrics = read_metrics(out).model_dump()
         if metrics.get("distill", {}).get("config") == dcfg.model_dump(mode="json"):
             return row_of(teacher, seed, variant, dim, metrics)
         logging.warning("%s: finished with another config; training it again", out)

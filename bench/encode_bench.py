@@ -11,7 +11,7 @@ int8 schemes quantise MatMul/Gemm only, i.e. the content head: bench/image_tower
 convolutions). Target: ONNX int8 >= 3x faster than torch eager for a
 ViT-B-32 item (image + text) on 2 cores, cosine(int8, fp32) >= 0.99.
 
-    python bench/encode_bench.py [--towers tiny vit-b-32 minilm] [--threads 2] [--repeats 30]
+    python -m bench.encode_bench [--towers tiny vit-b-32 minilm] [--threads 2] [--repeats 30]
 """
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export import onnx_export  # noqa: E402
-from export.tokenizer import encode_texts, tokenizer_for  # noqa: E402
-from train.encoders import (MiniLMConfig, OpenClipImageConfig, OpenClipTextConfig,  # noqa: E402
+from export import onnx_export
+from export.tokenizer import encode_texts, tokenizer_for
+from train.encoders import (MiniLMConfig, OpenClipImageConfig, OpenClipTextConfig,
                             TimmCnnConfig, build_encoder)
-from train.encoders.preprocess import PreprocessSpec, preprocess_images  # noqa: E402
+from train.encoders.preprocess import PreprocessSpec, preprocess_images
 
 TOWERS = {
     "tiny": [("image", OpenClipImageConfig(model="ptmrec-tiny", init_seed=0)),

@@ -12,10 +12,10 @@ features the run reproduces stage 1 exactly) with its text features substituted:
   first fit on the frozen features, then `--kt-steps` joint steps of `--kt-batch` pairs with the
   PEFT method of `--method`, as `train.stage2` builds it), all items re-encoded.
 
-    .venv/bin/python bench/feature_probe.py --backbones lightgcn_mm freedom \
+    .venv/bin/python -m bench.feature_probe --backbones lightgcn_mm freedom \
         --seeds 999 1000 1001 --variants random id kt --threads 1 --jobs 2
 
-Stage-1 runs are read from --stage1-root/<backbone>/<seed> (bench/ml100k_table.py's layout);
+Stage-1 runs are read from --stage1-root/<backbone>/<seed> (bench.ml100k_table's layout);
 probe runs go to --out/<backbone>/<variant>/<seed> (kt: kt-<method>-<steps>x<batch>-lr<lr>[-dropout])
 and are reused when finished.
 """
@@ -29,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
+from train.run import CONFIG, read_metrics
 
-from bench.peft_table import fmt  # noqa: E402
+from bench.common import fmt
 
 VARIANTS = ["control", "random", "id", "kt"]
 
@@ -71,7 +70,8 @@ def kt_tuned_text(cfg, dataset, model, args, device):
 
     from train.heads import ContentHeads, HeadsConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers
+    from train.config import Stage2Config
+    from train.modules import build_towers
     from train.tuning import encode, head_vectors
 
     s2 = Stage2Config.model_validate({"method": METHOD_CONFIGS[args.method],
@@ -118,7 +118,7 @@ def substitute(variant: str, stage1_run: Path, args) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
-    from export.bundle import load_run
+    from train.run import load_run
 
     run = load_run(stage1_run)  # data, features, backbone at its best epoch, as training had them
     if variant == "kt" and (run.cfg.encoders is None or run.cfg.encoders.text is None):
@@ -162,7 +162,7 @@ def _run(job: tuple) -> dict:
     stage1_run = args.stage1_root / backbone / str(seed)
     out = args.out / backbone / run_name(variant, args) / str(seed)
     if variant == "control":
-        metrics = json.loads((stage1_run / "metrics.json").read_text())
+        metrics = read_metrics(stage1_run).model_dump()
         return {"backbone": backbone, "seed": seed, "variant": variant,
                 "test": metrics["test"], "valid": metrics["valid"],
                 "best_epoch": metrics["best_epoch"]}
@@ -171,7 +171,7 @@ def _run(job: tuple) -> dict:
         return json.loads(done.read_text())
     start = time.perf_counter()
     features, info = substitute(variant, stage1_run, args)
-    cfg = load_config(stage1_run / "config.yaml")
+    cfg = load_config(stage1_run / CONFIG)
     metrics = run_stage1(cfg, out, torch.device("cpu"), features=features)
     row = {"backbone": backbone, "seed": seed, "variant": variant, "test": metrics["test"],
            "valid": metrics["valid"], "best_epoch": metrics["best_epoch"], "info": info,

@@ -11,7 +11,7 @@ Rows (times per image, model only, preprocessing excluded; `--threads` intra-op 
   cache: decode + preprocess + encode, batch 64): items/s.
 The tower carries a seeded random content head (1280 -> 64), as in bench/encode_bench.py.
 
-    python bench/image_tower.py [--data ../shared/data/ml100k_mm] [--threads 2] [--n 64]
+    python -m bench.image_tower [--data ../shared/data/ml100k_mm] [--threads 2] [--n 64]
 """
 from __future__ import annotations
 
@@ -27,20 +27,18 @@ import onnx
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from export import onnx_export  # noqa: E402
-from train.data import load_dataset  # noqa: E402
-from train.encoders import TimmCnnConfig, build_encoder  # noqa: E402
-from train.encoders.cache import extract  # noqa: E402
-from train.encoders.preprocess import PreprocessSpec, preprocess_images  # noqa: E402
+from bench.common import SHARED_DATA
+from export import onnx_export
+from train.data import load_dataset
+from train.encoders import TimmCnnConfig, build_encoder
+from train.encoders.cache import extract
+from train.encoders.preprocess import PreprocessSpec, preprocess_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ml100k_mm")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "ml100k_mm")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n", type=int, default=64, help="posters for parity and batch timing")
     p.add_argument("--calib", type=int, default=128, help="other posters for static int8")

@@ -11,7 +11,7 @@ With `--groups G` the vectors have PerPEFT's layout (train/perpeft.py): an item 
 groups' views of the item differ that much), and a query is one clustered vector in a random
 block, zero elsewhere (a user scores only against its group's block).
 
-    python bench/index_bench.py --sizes 100000 1000000 --dim 64 --queries 500
+    python -m bench.index_bench --sizes 100000 1000000 --dim 64 --queries 500
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import ann, bundle  # noqa: E402
-from index.manifest import Counts, Manifest  # noqa: E402
+from index import ann, bundle
+from index.manifest import Counts, Manifest
 
 TARGET_P99_US = 1000.0
 TARGET_RECALL = 0.95

@@ -1,27 +1,25 @@
 """Test Recall/NDCG@10/20 (mean ± std over seeds) of the checked-in ml100k configs.
 
-Usage: .venv/bin/python bench/ml100k_table.py [--configs bpr lightgcn ...] [--seeds 999 1000 1001]
+Usage: .venv/bin/python -m bench.ml100k_table [--configs bpr lightgcn ...] [--seeds 999 1000 1001]
        [--set optim.epochs=20 ...] (overrides for every config, e.g. a CPU epoch budget)
 Reads ../shared/data/ml100k_mm (override with --data); results per run under --out.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, SHARED_DATA
+from train.run import METRICS, read_metrics, write_metrics
 
-from bench.peft_table import fmt  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.stage1 import run_stage1  # noqa: E402
+from bench.common import fmt
+from train.config import load_config
+from train.stage1 import run_stage1
 
 CONFIGS = ["bpr", "lightgcn", "bpr_mm", "lightgcn_mm", "vbpr", "freedom", "mgcn", "smore"]
 KEYS = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
@@ -30,9 +28,8 @@ KEYS = ["recall@10", "recall@20", "ndcg@10", "ndcg@20"]
 def run_one(name: str, seed: int, args) -> dict:
     """Train one config with one seed (reusing a finished run directory)."""
     out = args.out / name / str(seed)
-    done = out / "metrics.json"
-    if done.is_file() and not args.rerun:
-        return json.loads(done.read_text())
+    if (out / METRICS).is_file() and not args.rerun:
+        return read_metrics(out).model_dump()
     overrides = [f"seed={seed}", f"data.path={args.data}"] + (["threads=" + str(args.threads)]
                                                              if args.threads else [])
     overrides += args.overrides
@@ -40,7 +37,7 @@ def run_one(name: str, seed: int, args) -> dict:
     start = time.perf_counter()
     metrics = run_stage1(cfg, out, torch.device("cpu"))
     metrics["wall_seconds"] = time.perf_counter() - start
-    done.write_text(json.dumps(metrics, indent=2))
+    write_metrics(out, metrics)
     return metrics
 
 
@@ -48,7 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--configs", nargs="+", default=CONFIGS)
     p.add_argument("--seeds", nargs="+", type=int, default=[999, 1000, 1001])
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ml100k_mm")
+    p.add_argument("--data", type=Path, default=SHARED_DATA / "ml100k_mm")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "ml100k")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rerun", action="store_true", help="ignore finished runs")

@@ -22,34 +22,28 @@ and after) must show no status but OK. Without h2load that part is skipped with 
 With several processes the kernel spreads connections by a hash of their addresses, so with few
 connections all of them may land on one process: the per-process OK column shows the split.
 
-    python bench/serve_load.py --sizes 100000 1000000 --swaps 20 --soak-seconds 600
-    python bench/serve_load.py --driver h2load --swaps 0 --server-configs 1x8 2x4
+    python -m bench.serve_load --sizes 100000 1000000 --swaps 20 --soak-seconds 600
+    python -m bench.serve_load --driver h2load --swaps 0 --server-configs 1x8 2x4
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
 import os
-import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.bundle_factory import BundleSpec, clustered, republish, write_test_bundle
+from bench.h2load import H2LOAD_MISSING, run_h2load, sample_status, write_bodies
+from bench.servers import ServerGroup, cpu_seconds, loadavg, rss_kib, start_server
 
 TARGETS = {"p99_ms_1client_1M": 5.0, "throughput_rps": 2000, "swap_errors": 0, "rss_growth": 0.05}
-RECOMMEND_PATH = "/ptmrec.v1.Recommender/Recommend"
-GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
-H2LOAD_MISSING = ("h2load not found on PATH (Debian/Ubuntu: apt-get install nghttp2-client); "
-                  "skipping the h2load throughput part")
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -90,22 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def clustered(n: int, dim: int, seed: int, centres: int = 2000, noise: float = 0.35) -> np.ndarray:
-    """Unit vectors around fixed Gaussian centres (SERVING.md §2.4's regime)."""
-    c = np.random.default_rng(12345).standard_normal((centres, dim)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, 200_000):
-        m = min(200_000, n - start)
-        block = c[rng.integers(0, centres, m)] + noise * rng.standard_normal((m, dim), np.float32)
-        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
-
-
 def make_bundle(root: Path, n_items: int, args: argparse.Namespace):
     """Write and publish the synthetic bundle; returns (path, BundleSpec)."""
-    from tests.serve.bundle_factory import BundleSpec, write_test_bundle
-
     params = {"ef_search": args.ef_search} if "HNSW" in args.factory else (
         {"nprobe": args.nprobe} if "IVF" in args.factory else {})
     spec = BundleSpec(n_users=args.users, n_items=n_items, dim=args.dim, factory=args.factory,
@@ -116,57 +96,6 @@ def make_bundle(root: Path, n_items: int, args: argparse.Namespace):
     print(f"bundle {n_items:,} items ({args.factory} {params}) written in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return path, spec
-
-
-def republish(root: Path, source: Path) -> int:
-    """Publish a new version whose files are hard links to `source`'s; returns its number."""
-    from index import bundle
-    from index.manifest import Manifest
-
-    manifest = Manifest.model_validate_json((source / bundle.MANIFEST).read_text())
-
-    def link(tmp: Path) -> None:
-        for name in manifest.files:
-            os.link(source / name, tmp / name)
-
-    path = bundle.write_bundle(root, link, manifest.model_copy(update={"files": {}}))
-    bundle.publish(root, path.name, verify=False)
-    return int(path.name[1:])
-
-
-def launch_server(root: Path, workers: int, port: int = 0, reuse_port: bool = False,
-                  metrics: bool = False) -> tuple[subprocess.Popen, str, int | None]:
-    """Run `python -m serve` on loopback; returns (process, target, metrics port) once it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--bundles", str(root), "--port", str(port),
-         "--metrics-port", "0" if metrics else "-1", "--poll-seconds", "0.5", "--workers",
-         str(workers), "--log-level", "WARNING"] + (["--reuse-port"] if reuse_port else []),
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    line = proc.stdout.readline()
-    if not line.startswith("serving on"):
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    found = re.search(r"metrics on \S+:(\d+)", line)
-    return proc, line.split()[2].rstrip(","), int(found.group(1)) if found else None
-
-
-def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """One server on a free loopback port, SERVING; returns (process, target)."""
-    from serve.client import RecommenderClient
-
-    proc, target, _ = launch_server(root, workers)
-    with RecommenderClient(target, timeout=2) as client:
-        deadline = time.monotonic() + 300
-        while client.health() != "SERVING":
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("server never became SERVING")
-            time.sleep(0.2)
-    return proc, target
-
-
-def loadavg() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: contention shows here)."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _load_worker(target: str, tasks: int, users: int, step: int, k: int, seconds: float,
@@ -248,7 +177,7 @@ class Load:
 def bench_encode(target: str, n: int) -> dict:
     """EncodeItem latency with random 64x64 PNGs and short texts (sync client)."""
     from serve.client import RecommenderClient
-    from tests.serve.bundle_factory import WORDS, png
+    from bench.bundle_factory import WORDS, png
 
     rng = np.random.default_rng(0)
     payloads = [(png(tuple(int(c) for c in rng.integers(0, 255, 3)), (64, 64), seed=i),
@@ -261,20 +190,6 @@ def bench_encode(target: str, n: int) -> dict:
             client.encode(image, text)
             lat.append((time.perf_counter() - t) * 1000)
     return dict(n=n, p50=float(np.percentile(lat, 50)), p99=float(np.percentile(lat, 99)))
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def hot_swaps(root: Path, source: Path, target: str, n: int, args, spec) -> dict:
@@ -301,7 +216,7 @@ def hot_swaps(root: Path, source: Path, target: str, n: int, args, spec) -> dict
 def soak(proc: subprocess.Popen, target: str, seconds: float, args, spec) -> dict:
     """Recommend load (8 clients) plus ~10 EncodeItem/s; VmRSS sampled every 2 s."""
     from serve.client import RecommenderClient
-    from tests.serve.bundle_factory import probe_item
+    from bench.bundle_factory import probe_item
 
     load = Load(target, 8, args, spec, seconds=seconds, max_requests=10**8)
     time.sleep(3)
@@ -317,175 +232,6 @@ def soak(proc: subprocess.Popen, target: str, seconds: float, args, spec) -> dic
     base = rss[min(len(rss) - 1, max(1, len(rss) // 10))]  # after a warm-up tenth
     return stats | dict(rss_start_mib=base / 1024, rss_end_mib=rss[-1] / 1024,
                         rss_max_mib=rss.max() / 1024, growth=(rss[-1] - base) / base)
-
-
-def scrape(port: int) -> str:
-    """A server's Prometheus text exposition."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
-
-
-def recommend_counts(text: str) -> dict[str, float]:
-    """recsys_requests_total{method="Recommend"} by status code name."""
-    out: dict[str, float] = {}
-    for labels, value in re.findall(r"^recsys_requests_total\{([^}]*)\} (\S+)$", text, re.M):
-        names = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if names.get("method") == "Recommend":
-            out[names["code"]] = out.get(names["code"], 0.0) + float(value)
-    return out
-
-
-def served_version(text: str) -> float:
-    """recsys_model_version (0 until a bundle is loaded)."""
-    found = re.search(r"^recsys_model_version (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-class ServerGroup:
-    """`n` server processes sharing one loopback port (--reuse-port when n > 1), metrics on."""
-
-    def __init__(self, root: Path, n: int, workers: int):
-        self.procs: list[subprocess.Popen] = []
-        self.metrics_ports: list[int] = []
-        port = 0
-        try:
-            for _ in range(n):
-                proc, self.target, mport = launch_server(root, workers, port, n > 1, metrics=True)
-                self.procs.append(proc)
-                self.metrics_ports.append(mport)
-                port = int(self.target.rsplit(":", 1)[1])
-            self.wait_loaded()
-        except BaseException:
-            self.stop()
-            raise
-
-    def wait_loaded(self, timeout: float = 300) -> None:
-        """Block until every process serves a bundle."""
-        deadline = time.monotonic() + timeout
-        while not all(served_version(scrape(p)) >= 1 for p in self.metrics_ports):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                raise RuntimeError("a server process never loaded the bundle")
-            time.sleep(0.2)
-
-    def counts(self) -> list[dict[str, float]]:
-        """Recommend counts by status code, per process."""
-        return [recommend_counts(scrape(p)) for p in self.metrics_ports]
-
-    def cpu(self) -> float:
-        """CPU seconds used by all processes so far."""
-        return sum(cpu_seconds(p.pid) for p in self.procs)
-
-    def stop(self) -> None:
-        """Terminate every process and wait for it."""
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(60)
-
-
-def grpc_frame(message: bytes) -> bytes:
-    """A gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length, bytes."""
-    return b"\x00" + len(message).to_bytes(4, "big") + message
-
-
-def write_bodies(folder: Path, spec, k: int, n: int) -> list[Path]:
-    """One gRPC-framed RecommendRequest file per user, for n users spread over the known ones."""
-    from serve._gen.ptmrec.v1 import recommender_pb2 as pb
-
-    folder.mkdir(parents=True, exist_ok=True)
-    users = sorted({int(u) for u in np.linspace(0, spec.n_users - 1, n)})
-    paths = []
-    for user in users:
-        path = folder / f"recommend-user{user * spec.user_id_step}.bin"
-        path.write_bytes(grpc_frame(pb.RecommendRequest(user_id=user * spec.user_id_step,
-                                                        k=k).SerializeToString()))
-        paths.append(path)
-    return paths
-
-
-def python_status(target: str, body: Path) -> str:
-    """Numeric gRPC status of one Recommend decoded from `body`, sent by the Python client."""
-    import grpc
-
-    from serve._gen.ptmrec.v1 import recommender_pb2 as pb
-    from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
-
-    request = pb.RecommendRequest.FromString(body.read_bytes()[5:])
-    with grpc.insecure_channel(target) as channel:
-        try:
-            pb_grpc.RecommenderStub(channel).Recommend(request, timeout=10)
-            return "0"
-        except grpc.RpcError as err:
-            return str(err.code().value[0])
-
-
-def sample_status(target: str, body: Path) -> str:
-    """grpc-status trailer of one Recommend with exactly h2load's bytes, sent by nghttp."""
-    nghttp = shutil.which("nghttp")
-    if nghttp is None:
-        return python_status(target, body)
-    headers = [arg for h in GRPC_HEADERS for arg in ("-H", h)]
-    out = subprocess.run([nghttp, "-n", "-v", *headers, "-d", str(body),
-                          f"http://{target}{RECOMMEND_PATH}"],
-                         capture_output=True, text=True, timeout=60).stdout
-    found = re.search(r"grpc-status: (\d+)", out)
-    return found.group(1) if found else "missing"
-
-
-def h2load_cmd(target: str, body: Path, conns: int, streams: int, args: argparse.Namespace,
-               log: Path) -> list[str]:
-    """One single-threaded h2load run posting `body` to Recommend for a fixed duration."""
-    headers = [arg for h in GRPC_HEADERS for arg in ("-H", h)]
-    return ["h2load", "-c", str(conns), "-m", str(streams), "-t", "1", "-D",
-            f"{round(args.h2load_seconds * 1000)}ms", "--warm-up-time",
-            f"{round(args.h2load_warmup * 1000)}ms", *headers,
-            "-d", str(body), "--log-file", str(log), f"http://{target}{RECOMMEND_PATH}"]
-
-
-def parse_h2load(text: str) -> dict:
-    """req/s and request counts from h2load's summary (any HTTP 200 counts as succeeded)."""
-    rps = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text)
-    req = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
-                    r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
-    codes = re.search(r"status codes: (\d+) 2xx", text)
-    if not (rps and req and codes):
-        raise RuntimeError(f"unexpected h2load output:\n{text[-2000:]}")
-    done, http_2xx = int(req.group(2)), int(codes.group(1))
-    failed = max(sum(int(x) for x in req.groups()[3:]), done - http_2xx)  # the two overlap
-    return dict(rps=float(rps.group(1)), http_2xx=http_2xx, failed=failed)
-
-
-def read_latencies(log: Path) -> np.ndarray:
-    """Per-request durations in ms from an h2load --log-file (start us, status, duration us)."""
-    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
-    return np.array([int(r[2]) / 1000 for r in rows], dtype=np.float64)
-
-
-def run_h2load(target: str, bodies: list[Path], conns: int, streams: int,
-               args: argparse.Namespace) -> dict:
-    """Concurrent h2load processes, one user body each, connections split between them."""
-    n = min(len(bodies), conns)
-    split = [conns // n + (i < conns % n) for i in range(n)]
-    logs = [b.with_suffix(".log") for b in bodies[:n]]
-    for log in logs:
-        log.unlink(missing_ok=True)  # h2load appends to an existing --log-file
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    procs = [subprocess.Popen(h2load_cmd(target, body, c, streams, args, log),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for body, c, log in zip(bodies, split, logs)]
-    outs = [p.communicate(timeout=args.h2load_seconds + args.h2load_warmup + 120)[0]
-            for p in procs]
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"h2load failed:\n{outs[0][-2000:]}")
-    parsed = [parse_h2load(out) for out in outs]
-    lat = np.concatenate([read_latencies(log) for log in logs])
-    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return dict(users=n, rps=sum(r["rps"] for r in parsed),
-                http_2xx=sum(r["http_2xx"] for r in parsed),
-                failed=sum(r["failed"] for r in parsed),
-                p50=pct(50), p99=pct(99), client_cpu=cpu)
 
 
 def h2load_level(group: ServerGroup, bodies: list[Path], conns: int, streams: int,

@@ -9,10 +9,10 @@ the kept rows are a seeded random draw per user (not the latest ones: those woul
 time order into the choice).
 
 Usage:
-  .venv/bin/python bench/sparse_data.py --src ../shared/data/ml100k_mm --per-user 6 \
+  .venv/bin/python -m bench.sparse_data --src ../shared/data/ml100k_mm --per-user 6 \
       --out runs/bench/data/ml100k_sparse6
 Then point the stage-2 benches at it, e.g.
-  .venv/bin/python bench/ablation.py --data runs/bench/data/ml100k_sparse6 \
+  .venv/bin/python -m bench.ablation --data runs/bench/data/ml100k_sparse6 \
       --stage1-root runs/bench/ml100k_sparse6 --out runs/bench/stage2_sparse6 ...
 """
 from __future__ import annotations
@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.common import ROOT
 
-from train.data import find_inter_file  # noqa: E402
+from train.data import find_inter_file
 
 
 def sparse_rows(lines: list[str], per_user: int, seed: int) -> tuple[list[str], dict]:

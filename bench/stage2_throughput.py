@@ -17,8 +17,8 @@ per configuration; CPU: peak RSS of the configuration's own process), trainable 
 their share of the tower, and the Baby epoch projection = 935 steps x batch / items per second,
 summed over the towers of a pair (image + text) in the summary.
 
-    python bench/stage2_throughput.py --towers vit-b-32 --methods frozen prompt lora ia3
-    python bench/stage2_throughput.py --towers tiny --steps 2 --batch 8      # CPU smoke
+    python -m bench.stage2_throughput --towers vit-b-32 --methods frozen prompt lora ia3
+    python -m bench.stage2_throughput --towers tiny --steps 2 --batch 8      # CPU smoke
 """
 from __future__ import annotations
 
@@ -30,11 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench.spawned import spawned_row  # noqa: E402
+from bench.common import spawned_row
 
 BABY_PAIRS = 119_674
 TARGET_EPOCH_S = 60.0
@@ -89,11 +86,12 @@ def measure(tower_name: str, modality: str, enc: dict, method: str, args) -> dic
     """Median step time and peak memory of one (tower, method) configuration, in this process."""
     import torch
 
-    from bench.peft_table import peak_memory_mib
+    from bench.common import peak_memory_mib
     from train.encoders.prompts import count_trainable
     from train.features import EncodersConfig
     from train.losses import knowledge_transfer
-    from train.stage2 import Stage2Config, build_towers
+    from train.config import Stage2Config
+    from train.modules import build_towers
 
     if args.threads:
         torch.set_num_threads(args.threads)

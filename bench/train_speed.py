@@ -8,7 +8,7 @@ the speed-up over MMRec on the same 2-core kind of machine (reference/BENCHMARKS
 The Amazon sets carry no content features: multimodal models get random 4096-d image and 384-d
 text features (fixed seed), as the MMRec peer figure did.
 
-Usage: python bench/train_speed.py --datasets baby --models bpr lightgcn freedom mgcn smore
+Usage: python -m bench.train_speed --datasets baby --models bpr lightgcn freedom mgcn smore
 A model may carry overrides: `freedom:reg_weight=1e-4,dropout=0.9`.
 """
 from __future__ import annotations
@@ -25,14 +25,13 @@ import torch
 import yaml
 from pydantic import TypeAdapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.spawned import spawned_row  # noqa: E402
-from train.backbones import MULTIMODAL, BackboneConfig, BackboneInputs, build_backbone  # noqa: E402
-from train.data import load_dataset  # noqa: E402
-from train.evaluate import Evaluator  # noqa: E402
-from train.fit import evaluate_model  # noqa: E402
-from train.sampling import NegativeSampler, epoch_batches  # noqa: E402
+from bench.common import spawned_row
+from train.backbones import MULTIMODAL, BackboneConfig, BackboneInputs, build_backbone
+from train.data import load_dataset
+from train.evaluate import Evaluator
+from train.fit import evaluate_model
+from train.sampling import NegativeSampler, epoch_batches
 
 DATASETS = {"baby": "amazon_baby", "sports": "amazon_sports", "clothing": "amazon_clothing",
             "ml100k": "ml100k_mm"}

@@ -23,6 +23,7 @@ from export.bundle import PARITY_ITEMS, export_run
 from export.onnx_export import EXPORTERS, ExportError
 from index.bundle import BundleError
 from train.data import DatasetError
+from train.run import CONFIG, STAGE2
 
 log = logging.getLogger("export")
 
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not any((args.run / name).is_file() for name in ("config.yaml", "stage2.yaml")):
-        print(f"error: {args.run} is not a run directory (no config.yaml)", file=sys.stderr)
+    if not any((args.run / name).is_file() for name in (CONFIG, STAGE2)):
+        print(f"error: {args.run} is not a run directory (no {CONFIG})", file=sys.stderr)
         return 2
-    stage1_config = args.stage1_run / "config.yaml" if args.stage1_run else None
+    stage1_config = args.stage1_run / CONFIG if args.stage1_run else None
     try:
         path = export_run(args.run, args.bundles, factory=args.factory, quantize=args.quantize,
                           publish_bundle=args.publish, exporter=args.exporter,

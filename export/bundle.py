@@ -16,11 +16,10 @@ exports G-block vectors (train/perpeft.py) and records `user_groups` in the mani
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,47 +27,21 @@ import torch
 
 from export import onnx_export, tuned
 from export.onnx_export import ExportError
-from export.tuned import Tuning
 from index import ann
 from index.bundle import (ATTRIBUTES, ATTRIBUTES_HEAD, ITEM_IDS, ITEMS_INDEX, POPULARITY,
                           SEEN_INDPTR, SEEN_ITEMS, USER_IDS, USERS, load_bundle, publish,
                           write_bundle)
 from index.attributes import AttributeHead, AttributesSpec
 from index.manifest import Counts, EncoderSpec, Manifest
-from train import checkpoint, perpeft
-from train.backbones import Backbone, build_backbone
-from train.coldstart import run_splits
-from train.config import TrainConfig, load_config
-from train.data import Dataset, load_dataset
+from train import perpeft
+from train.data import Dataset
 from train.encoders import build_encoder
-from train.encoders.base import Tower
-from train.features import attribute_spec, item_features
-from train.fit import BEST
-from train.heads import ContentHeads, HeadsConfig
-from train.stage1 import backbone_inputs, seed_everything
-from train.stage2 import Stage2Config, build_towers
+from train.features import attribute_spec
+from train.run import Run, load_run
 
 log = logging.getLogger(__name__)
 PARITY_ITEMS = 64
 MAX_TOKENIZER_TEXTS = 5000
-
-
-@dataclass
-class Run:
-    """A finished run rebuilt at its best-validation weights."""
-
-    path: Path
-    cfg: TrainConfig
-    full: Dataset            # every interaction and all item content
-    train: Dataset           # the training view (cold items held out)
-    model: Backbone
-    heads: ContentHeads | None
-    features: dict[str, torch.Tensor]  # tuned features for the modalities stage 2 tuned
-    metrics: dict
-    towers: dict[str, Tower] = field(default_factory=dict)  # stage-2 tuned towers, as trained
-    tuning: Tuning = field(default_factory=Tuning)
-    config_hash: str = ""
-    groups: int = 1          # PerPEFT user groups: vectors are `groups` concatenated blocks
 
 
 @dataclass
@@ -83,68 +56,6 @@ class BundleArrays:
     seen_indptr: np.ndarray  # (U+1,) int64
     seen_items: np.ndarray   # (nnz,) int64 external item ids
     n_cold: int
-
-
-def load_run(run_dir: Path, device: torch.device = torch.device("cpu"),
-             stage1_config: Path | None = None) -> Run:
-    """Rebuild data, features, backbone and heads (and a stage-2 run's tuned towers) exactly as
-    training did, then load best.pt; `stage1_config` stands in for a stage-2 run's copy."""
-    s2 = None
-    if tuned.is_stage2_run(run_dir):
-        cfg, s2 = tuned.read_stage2(run_dir, stage1_config)
-    else:
-        cfg = load_config(run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    full = load_dataset(cfg.data.path)
-    if cfg.encoders:
-        full.features = item_features(cfg.encoders, full, device)
-    train, _, _ = run_splits(full, cfg.cold_start, cfg.heads, cfg.seed)
-    inputs = backbone_inputs(train, device)
-    model = build_backbone(cfg.backbone, inputs).to(device)
-    heads = _build_heads(cfg, s2, inputs.features, model, device)
-    modules = torch.nn.ModuleDict({"backbone": model} | ({"heads": heads} if heads else {}))
-    towers = _attach_towers(modules, cfg, s2, device)
-    groups = s2.groups if s2 is not None else 1
-    features = inputs.features
-    if groups > 1:  # PerPEFT: the grouped modules as stage 2 saved them (assignment from best.pt)
-        placeholder = torch.zeros(inputs.n_users, dtype=torch.long, device=device)
-        model, heads, towers = perpeft.personalise(model, heads, towers, groups, placeholder)
-        modules = torch.nn.ModuleDict({"backbone": model, "heads": heads,
-                                       "towers": torch.nn.ModuleDict(towers)})
-        features = perpeft.tile_features(features, groups)
-    modules.load_state_dict(checkpoint.load(run_dir / BEST))
-    modules.eval()
-    if towers:
-        raw = {"image": train.items.images, "text": train.items.texts}
-        features = features | tuned.tuned_features(towers, raw, s2.encode_batch_size, device)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return Run(run_dir, cfg, full, train, model, heads, features, metrics, towers,
-               tuned.tuning_of(s2, towers) if s2 else Tuning(), tuned.config_hash(cfg, s2),
-               groups)
-
-
-def _build_heads(cfg: TrainConfig, s2: Stage2Config | None, features: dict[str, torch.Tensor],
-                 model: Backbone, device: torch.device) -> ContentHeads | None:
-    """The run's content heads (stage 2 always has them: its default covers its modalities)."""
-    heads_cfg = cfg.heads if s2 is None else cfg.heads or HeadsConfig(modalities=s2.modalities)
-    if heads_cfg is None:
-        return None
-    dims = {m: f.shape[1] for m, f in features.items()}
-    return ContentHeads(heads_cfg, dims, model.user_embeddings().shape[1]).to(device)
-
-
-def _attach_towers(modules: torch.nn.ModuleDict, cfg: TrainConfig, s2: Stage2Config | None,
-                   device: torch.device) -> dict[str, Tower]:
-    """A stage-2 run's towers with its method attached, registered under "towers" (as stage 2
-    saved them) so that best.pt loads into them; {} for a stage-1 run."""
-    if s2 is None:
-        return {}
-    towers = build_towers(cfg.encoders, s2)
-    for tower in towers.values():
-        tower.to(device)
-    modules["towers"] = torch.nn.ModuleDict(towers)
-    return towers
 
 
 def known_items(full: Dataset) -> np.ndarray:
@@ -339,9 +250,10 @@ def _write_arrays(tmp: Path, arrays: BundleArrays) -> None:
 def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
                quantize: str | None = None, publish_bundle: bool = False,
                exporter: str = "dynamo", parity_items: int = PARITY_ITEMS,
-               stage1_config: Path | None = None) -> Path:
+               stage1_config: Path | None = None, event_watermark: int = 0) -> Path:
     """Write bundles_dir/vN from a stage-1 or stage-2 run (optionally publishing it); returns the
-    bundle path. `stage1_config`: the stage-1 config of a stage-2 run that lacks its copy."""
+    bundle path. `stage1_config`: the stage-1 config of a stage-2 run that lacks its copy;
+    `event_watermark`: the last event-store id the run's training data included."""
     run_dir, bundles_dir = Path(run_dir), Path(bundles_dir)
     run = load_run(run_dir, stage1_config=stage1_config)
     arrays = assemble(run)
@@ -351,7 +263,8 @@ def export_run(run_dir: Path, bundles_dir: Path, factory: str = "Flat",
     scratch.mkdir()
     try:
         spec, parity = export_encoders(run, scratch, quantize, exporter, parity_items)
-        manifest = build_manifest(run, arrays, factory, spec, parity)
+        manifest = build_manifest(run, arrays, factory, spec, parity).model_copy(
+            update={"event_watermark": event_watermark})
 
         def write_files(tmp: Path) -> None:
             _write_arrays(tmp, arrays)

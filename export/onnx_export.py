@@ -6,9 +6,8 @@ dynamo exporter as a single file (`external_data=False`; SERVING.md §2.3) and f
 TorchScript exporter when dynamo fails. Output names are not op names ("embedding" collides).
 Parity runs the torch wrapper on the training preparation and onnxruntime on the serving path
 (preprocess.json with Pillow + numpy, tokenizer.json with `tokenizers`): fp32 must agree within
-`FP32_TOL` (max abs), int8 (onnxruntime dynamic quantisation) within cosine `INT8_MIN_COS`.
-The torch side may be a different tower than the exported one (`reference`): stage-2 LoRA / (IA)^3
-towers are exported merged and checked against the adapters as trained.
+`FP32_TOL` (max abs), int8 (dynamic quantisation) within cosine `INT8_MIN_COS`. The torch side may
+differ from the exported tower (`reference`: stage-2 LoRA / (IA)^3, merged, vs the adapters).
 """
 from __future__ import annotations
 

@@ -120,6 +120,8 @@ class Manifest(_Strict):
     counts: Counts
     encoder: EncoderSpec | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    event_watermark: int = Field(0, ge=0, description="last event-store id the training data "
+                                 "included; the server applies only later events (0: none)")
     files: dict[str, FileEntry] = Field(default_factory=dict)
 
     @model_validator(mode="after")

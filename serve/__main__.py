@@ -1,7 +1,8 @@
 """Run the recommendation server until SIGTERM or SIGINT.
 
-    python -m serve --bundles bundles/ [--host 127.0.0.1] [--port 50051] [--metrics-port 9100]
-                    [--tls-cert cert.pem --tls-key key.pem] [--poll-seconds 2] [--workers 8]
+    python -m serve --bundles bundles/ [--state DIR | --store postgresql://...] [--host 127.0.0.1]
+                    [--port 50051] [--metrics-port 9100] [--tls-cert cert.pem --tls-key key.pem]
+                    [--poll-seconds 2] [--workers 8]
 """
 from __future__ import annotations
 
@@ -20,13 +21,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.splitlines()[0])
     p.add_argument("--bundles", type=Path, required=True, help="directory holding vN/ and CURRENT")
+    p.add_argument("--state", type=Path, help="folder of the SQLite event store (default: "
+                   "BUNDLES/.state)")
+    p.add_argument("--store", help="postgresql://user@host:port/db: a store shared by several "
+                   "processes or machines (instead of SQLite under --state)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port; -1 disables")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
-    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to check CURRENT")
+    p.add_argument("--poll-seconds", type=float, default=2.0,
+                   help="how often to check CURRENT and the event store")
+    p.add_argument("--fold-in-half", type=float, default=5.0,
+                   help="recorded interactions at which they weigh half of a known user's query")
     p.add_argument("--retry-seconds", type=float, default=60.0,
                    help="wait before retrying a bundle that failed to load")
     p.add_argument("--workers", type=int, default=8, help="RPC thread pool size")
@@ -44,12 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     """ServerConfig from parsed options."""
+    from serve.online import FoldIn
     from serve.server import ServerConfig
 
     limits = Limits(max_image_bytes=int(args.max_image_mib * MIB),
                     max_text_chars=args.max_text_chars)
     return ServerConfig(
-        bundles=args.bundles, host=args.host, port=args.port, metrics_host=args.metrics_host,
+        bundles=args.bundles, state=args.state, store=args.store, host=args.host, port=args.port,
+        metrics_host=args.metrics_host, fold_in=FoldIn(half=args.fold_in_half),
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
@@ -66,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # corrupt uploads
     from serve.server import start
 
-    running = start(config_from_args(args))
+    try:
+        running = start(config_from_args(args))
+    except RuntimeError as err:
+        logging.getLogger("serve").error("%s", err)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, _frame):

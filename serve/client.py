@@ -4,6 +4,7 @@
     python -m serve.client encode --image shoe.jpg --text "red running shoe"
     python -m serve.client upsert --item 9001 --image shoe.jpg --text "red running shoe" [--overwrite]
     python -m serve.client delete --item 9001
+    python -m serve.client record --user 42 --items 9001 17 [--kind click] [--request-id ID]
     python -m serve.client info
     python -m serve.client health        # exit 0 when SERVING, 1 otherwise (Docker HEALTHCHECK)
 
@@ -34,9 +35,9 @@ class RecommenderClient:
     """Blocking client with a per-call deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 5.0,
-                 tls_ca: Path | None = None):
+                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = ()):
         options = [("grpc.max_send_message_length", MAX_MESSAGE),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE)]
+                   ("grpc.max_receive_message_length", MAX_MESSAGE), *options]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(target, creds, options=options)
@@ -73,14 +74,24 @@ class RecommenderClient:
                                     timeout=self.timeout)
 
     def upsert(self, item_id: int, image: bytes = b"", text: str = "",
-               overwrite: bool = False) -> pb.UpsertItemResponse:
-        """Encode and insert an item into the live index."""
-        req = pb.UpsertItemRequest(item_id=item_id, image=image, text=text, overwrite=overwrite)
+               overwrite: bool = False, request_id: str = "") -> pb.UpsertItemResponse:
+        """Encode and insert an item into the live index (committed to the event store)."""
+        req = pb.UpsertItemRequest(item_id=item_id, image=image, text=text, overwrite=overwrite,
+                                   request_id=request_id)
         return self.stub.UpsertItem(req, timeout=self.timeout)
 
-    def delete(self, item_id: int) -> pb.DeleteItemResponse:
+    def delete(self, item_id: int, request_id: str = "") -> pb.DeleteItemResponse:
         """Remove an item from the live index."""
-        return self.stub.DeleteItem(pb.DeleteItemRequest(item_id=item_id), timeout=self.timeout)
+        return self.stub.DeleteItem(pb.DeleteItemRequest(item_id=item_id, request_id=request_id),
+                                    timeout=self.timeout)
+
+    def record(self, user_id: int, item_ids: Iterable[int], timestamps: Iterable[int] = (),
+               kind: str = "", request_id: str = "") -> pb.RecordInteractionsResponse:
+        """Record a user's interactions with items (feedback)."""
+        req = pb.RecordInteractionsRequest(user_id=user_id, item_ids=list(item_ids),
+                                           timestamps=list(timestamps), kind=kind,
+                                           request_id=request_id)
+        return self.stub.RecordInteractions(req, timeout=self.timeout)
 
     def info(self) -> pb.ModelInfo:
         """Summary of the served bundle."""
@@ -121,6 +132,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         cmd.add_argument("--image", type=Path, help="image file")
         cmd.add_argument("--text", default="")
     sub.add_parser("delete", help="remove an item").add_argument("--item", type=int, required=True)
+    fb = sub.add_parser("record", help="record a user's interactions with items")
+    fb.add_argument("--user", type=int, required=True)
+    fb.add_argument("--items", type=int, nargs="+", required=True)
+    fb.add_argument("--timestamps", type=int, nargs="*", default=[],
+                    help="Unix seconds, one per item")
+    fb.add_argument("--kind", default="", help='e.g. "click" (default "interaction")')
+    for cmd in (sub.choices["upsert"], sub.choices["delete"], fb):
+        cmd.add_argument("--request-id", default="", help="client id that makes a retry safe")
     sub.add_parser("info", help="bundle summary")
     sub.add_parser("health", help="exit 0 if SERVING").add_argument("--service", default="")
     return p.parse_args(argv)
@@ -134,9 +153,11 @@ def run(client: RecommenderClient, args: argparse.Namespace):
     if args.command == "encode":
         return client.encode(image, args.text)
     if args.command == "upsert":
-        return client.upsert(args.item, image, args.text, args.overwrite)
+        return client.upsert(args.item, image, args.text, args.overwrite, args.request_id)
     if args.command == "delete":
-        return client.delete(args.item)
+        return client.delete(args.item, args.request_id)
+    if args.command == "record":
+        return client.record(args.user, args.items, args.timestamps, args.kind, args.request_id)
     if args.command == "info":
         return client.info()
     return client.health(args.service)

@@ -100,7 +100,7 @@ def talk(client: RecommenderClient, data: Path, metrics_port: int, n_users: int)
     vec = client.encode(image=image, text=text).vector
     print(f"EncodeItem(content of item {source}): {len(vec)}-d vector, "
           f"first values {[round(v, 3) for v in vec[:4]]}")
-    up = client.upsert(new_id, image=image, text=text)
+    up = client.upsert(new_id, image=image, text=text, overwrite=True)  # rerun: it is stored
     print(f"UpsertItem({new_id}): index now holds {up.index_items} items")
     near = client.recommend(10**12, k=10, recent=[new_id])
     print(f"nearest to new item {new_id} (unknown user folded in from it): "

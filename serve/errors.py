@@ -5,6 +5,7 @@ be used and tested without a server. `code` is the name of a `grpc.StatusCode` m
 """
 from __future__ import annotations
 
+from index.events import StoreError, StoreFull
 from index.preprocess import ImageError, ImageTooLarge
 
 
@@ -21,7 +22,8 @@ class InvalidArgument(ServeError):
 
 
 class ResourceExhausted(ServeError):
-    """A payload over a configured size limit (image bytes or pixels, text length)."""
+    """A payload over a configured size limit (image bytes or pixels, text length), or an event
+    store without room for the write."""
 
     code = "RESOURCE_EXHAUSTED"
 
@@ -45,7 +47,7 @@ class FailedPrecondition(ServeError):
 
 
 class Unavailable(ServeError):
-    """No bundle is loaded yet, or the server is shutting down."""
+    """No bundle is loaded yet, the server is shutting down, or the event store is down."""
 
     code = "UNAVAILABLE"
 
@@ -55,3 +57,11 @@ def refused_image(err: ImageError) -> ServeError:
     if isinstance(err, ImageTooLarge):
         return ResourceExhausted(str(err))
     return InvalidArgument(str(err))
+
+
+def refused_write(err: StoreError) -> ServeError:
+    """The status of a write the event store (index.events) could not commit or look up."""
+    if isinstance(err, StoreFull):
+        return ResourceExhausted(f"the event store is full; nothing was written: {err}")
+    return Unavailable(f"the event store cannot take writes now; nothing was written, retry: "
+                       f"{err}")

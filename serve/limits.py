@@ -2,7 +2,9 @@
 
 Documented statuses (the servicer maps the error classes to gRPC codes):
 - k outside 1..max_k, negative ids, too many exclude/recent ids or batch requests, an item with
-  neither image nor text, an undecodable image: INVALID_ARGUMENT;
+  neither image nor text, an undecodable image; RecordInteractions with no or too many item ids,
+  timestamps that do not match them one to one or are negative, an over-long kind or request
+  id: INVALID_ARGUMENT;
 - image bytes over `max_image_bytes`, image pixels over `max_image_pixels`, text over
   `max_text_chars` characters: RESOURCE_EXHAUSTED (a payload too large, not a malformed one).
 """
@@ -20,7 +22,7 @@ MIB = 1024 * 1024
 
 
 class Limits(BaseModel):
-    """Size limits on requests, and the bound on the online-upsert journal."""
+    """Size limits on requests."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,8 +33,9 @@ class Limits(BaseModel):
     max_image_bytes: int = Field(8 * MIB, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_text_chars: int = Field(20_000, ge=0)
-    journal_max_items: int = Field(10_000, ge=0)
-    journal_max_bytes: int = Field(256 * MIB, ge=0)
+    max_interactions: int = Field(1000, ge=1)
+    max_request_id_chars: int = Field(128, ge=1)
+    max_action_chars: int = Field(64, ge=1)
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,29 @@ def check_item(image: bytes, text: str, limits: Limits) -> None:
                                 f"{limits.max_text_chars}")
     if not image and not text.strip():
         raise InvalidArgument("an item needs an image or a non-empty text")
+
+
+def check_request_id(value: str, limits: Limits) -> str:
+    """An optional client request id (empty: none), at most max_request_id_chars."""
+    if len(value) > limits.max_request_id_chars:
+        raise InvalidArgument(f"request_id has {len(value)} characters, more than the limit of "
+                              f"{limits.max_request_id_chars}")
+    return value
+
+
+def check_interactions(user_id: int, item_ids: Sequence[int], timestamps: Sequence[int],
+                       action: str, limits: Limits, now: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Validated (user, items, timestamps) of RecordInteractions; timestamps default to now."""
+    user = check_id(user_id, "user_id")
+    if not item_ids:
+        raise InvalidArgument("item_ids is empty")
+    items = check_ids(item_ids, limits.max_interactions, "item_ids")
+    if timestamps and len(timestamps) != len(items):
+        raise InvalidArgument(f"{len(timestamps)} timestamps for {len(items)} item_ids; send "
+                              "one per item or none")
+    stamps = (check_ids(timestamps, limits.max_interactions, "timestamps") if timestamps
+              else np.full(len(items), now, dtype=np.int64))
+    if len(action) > limits.max_action_chars:
+        raise InvalidArgument(f"kind has {len(action)} characters, more than the limit of "
+                              f"{limits.max_action_chars}")
+    return user, items, stamps

@@ -9,7 +9,12 @@ Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, ba
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
 - `recsys_reloads_total{result="success|failure"}` bundle swaps and refused bundles;
 - `recsys_recommend_source_total{source}` which query answered (user vector or a fallback);
-- `recsys_journal_entries`, `recsys_journal_dropped_total` the online-upsert journal;
+- `recsys_store_position` the last event-store id applied to the live bundle, `recsys_store_head`
+  the newest id this process has seen in the store (their difference is the replication lag),
+  `recsys_store_bytes` the store's disk use, `recsys_online_events_total{kind}` events applied,
+  `recsys_store_skipped_total{reason="damaged|unencodable"}` events skipped,
+  `recsys_store_errors_total{op="write|read"}` store failures (writes answered UNAVAILABLE or
+  RESOURCE_EXHAUSTED, polls that failed);
 - `process_*` (resident memory, CPU) from prometheus_client's process collector.
 """
 from __future__ import annotations
@@ -47,11 +52,21 @@ class Metrics:
                                registry=reg)
         self.sources = Counter("recsys_recommend_source", "Recommend answers by query source",
                                ["source"], registry=reg)
-        self.journal_entries = Gauge("recsys_journal_entries",
-                                     "Online upserts/deletes kept for carry-over", registry=reg)
-        self.journal_dropped = Counter("recsys_journal_dropped",
-                                       "Online upserts that will not survive a reload",
-                                       registry=reg)
+        self.store_position = Gauge("recsys_store_position",
+                                    "Last event-store id applied to the live bundle", registry=reg)
+        self.store_head = Gauge("recsys_store_head", "Newest event-store id seen", registry=reg)
+        self.store_bytes = Gauge("recsys_store_bytes", "Disk bytes of the event store",
+                                 registry=reg)
+        self.online_events = Counter("recsys_online_events", "Store events applied by kind",
+                                     ["kind"], registry=reg)
+        self.store_skipped = Counter("recsys_store_skipped", "Store events skipped by reason",
+                                     ["reason"], registry=reg)
+        self.store_errors = Counter("recsys_store_errors", "Event-store failures by operation",
+                                    ["op"], registry=reg)
+        for reason in ("damaged", "unencodable"):
+            self.store_skipped.labels(reason=reason)
+        for op in ("write", "read"):
+            self.store_errors.labels(op=op)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self._http = None
@@ -73,6 +88,7 @@ class Metrics:
             self._info_labels = labels
         self.model_version.set(m.version)
         self.index_items.set(model.n_items)
+        self.store_position.set(model.position)
 
     def start_http(self, host: str = "127.0.0.1", port: int = 9100) -> int:
         """Serve /metrics on host:port (0 picks a free port); returns the bound port."""

@@ -1,11 +1,13 @@
 """One loaded bundle, ready to answer: user vectors, FAISS index, popularity, seen items, encoder.
 
-Recommend (DESIGN.md §8): a known user's vector is searched in the index with the user's
-training items (the seen CSR) and the request's exclusions filtered inside the search
-(`index.ann.search(exclude=...)`, an IDSelector), never by over-fetching. An unknown user gets,
-when `recent_item_ids` are given and some are in the index, the mean of their vectors (read back
-with `reconstruct`) as the query; otherwise the most popular training items, minus exclusions
-and deleted items. The response says which source answered.
+Recommend (DESIGN.md §8): a known user's vector, blended with the items the user interacted with
+since the bundle (RecordInteractions; serve.online.blend documents the blend), is searched in the
+index with the user's training items (the seen CSR), the recorded items and the request's
+exclusions filtered inside the search (`index.ann.search(exclude=...)`, an IDSelector), never by
+over-fetching. An unknown user gets, when `recent_item_ids` are given or interactions were
+recorded and some are in the index, the mean of their vectors (read back with `reconstruct`) as
+the query; otherwise the most popular training items, minus exclusions and deleted items. The
+response says which source answered.
 
 Bundle files beyond the index (contract with the exporter): `users.npy` float32 (U, d) with
 `user_ids.npy` int64 (U,) naming its rows; `item_ids.npy` int64 (I,); `popularity.npy` (I,)
@@ -30,6 +32,7 @@ from index.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
 from serve.limits import Query
+from serve.online import FoldIn, Interactions, blend
 from serve.rwlock import RWLock
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class Recommendation:
     scores: np.ndarray       # (n,) float32
     source: str              # USER, RECENT or POPULAR
     reason: str = ""         # why a fallback answered ("" for USER)
+    recent_used: int = 0     # recorded / recent items folded into the query
 
 
 def _ids_and_order(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +101,11 @@ class ServingModel:
 
     def __init__(self, bundle: Bundle, users: np.ndarray, user_ids: np.ndarray, index,
                  item_ids: np.ndarray, popularity: np.ndarray, seen: tuple | None,
-                 encoder: ItemEncoder | None):
+                 encoder: ItemEncoder | None, fold_in: FoldIn | None = None):
         self.bundle, self.manifest = bundle, bundle.manifest
+        self.fold_in = fold_in or FoldIn()
+        self.watermark = self.position = bundle.manifest.event_watermark
+        self.online = Interactions(self.fold_in.per_user)
         self.users, self.index, self.encoder = users, index, encoder
         self._user_sorted, self._user_rows = _ids_and_order(user_ids)
         order = np.argsort(-popularity, kind="stable")
@@ -114,7 +121,8 @@ class ServingModel:
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, encoder_threads: int = 1,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> ServingModel:
+                    max_pixels: int = DEFAULT_MAX_PIXELS,
+                    fold_in: FoldIn | None = None) -> ServingModel:
         """Load and cross-check every serving file of a verified bundle."""
         m = bundle.manifest
         users = np.ascontiguousarray(bundle.load_npy(files.USERS), dtype=np.float32)
@@ -140,7 +148,7 @@ class ServingModel:
                     bundle.load_npy(files.SEEN_ITEMS).astype(np.int64))
             _check_csr(*seen, len(users))
         encoder = load_encoder(bundle, encoder_threads, max_pixels)
-        return cls(bundle, users, user_ids, index, item_ids, popularity, seen, encoder)
+        return cls(bundle, users, user_ids, index, item_ids, popularity, seen, encoder, fold_in)
 
     @property
     def version(self) -> int:
@@ -162,19 +170,27 @@ class ServingModel:
         return items[indptr[row]:indptr[row + 1]]
 
     def recommend(self, q: Query) -> Recommendation:
-        """Top-k for a validated query: user vector, recent-items fold-in or popularity."""
+        """Top-k for a validated query: user vector (with fold-in), recent items or popularity."""
         row = self.user_row(q.user_id)
+        recorded = self.online.items(q.user_id)  # (R,) oldest first
         if row is not None:
-            seen = self.seen_items(row) if q.exclude_seen else q.exclude[:0]
-            return self._search(self.users[row], q.k, np.concatenate([seen, q.exclude]), USER)
-        excluded = np.concatenate([q.recent, q.exclude]) if q.exclude_seen else q.exclude
-        if not len(q.recent):
+            seen = (np.concatenate([self.seen_items(row), recorded]) if q.exclude_seen
+                    else q.exclude[:0])
+            recent, used = self._fold_in(recorded[-self.fold_in.items:]) if len(recorded) else (
+                None, 0)
+            vec = blend(self.users[row], recent, used, self.fold_in, self.manifest.user_groups)
+            rec = self._search(vec, q.k, np.concatenate([seen, q.exclude]), USER)
+            return Recommendation(rec.item_ids, rec.scores, USER, "", used)
+        recent = np.concatenate([q.recent, recorded[-self.fold_in.items:]])
+        excluded = np.concatenate([q.recent, recorded, q.exclude]) if q.exclude_seen else q.exclude
+        if not len(recent):
             return self._popular(q.k, excluded, "unknown user")
-        vec, used = self._fold_in(q.recent)
+        vec, used = self._fold_in(recent)
         if vec is None:
             return self._popular(q.k, excluded, "unknown user; no recent item is in the index")
         reason = f"unknown user; mean of {used} recent item vectors"
-        return self._search(vec, q.k, excluded, RECENT, reason)
+        rec = self._search(vec, q.k, excluded, RECENT, reason)
+        return Recommendation(rec.item_ids, rec.scores, RECENT, reason, used)
 
     def _search(self, vec: np.ndarray, k: int, excluded: np.ndarray, source: str,
                 reason: str = "") -> Recommendation:
@@ -280,4 +296,6 @@ class ServingModel:
             search_params=ann.get_search_params(self.index), users=m.counts.users,
             items=m.counts.items, index_items=self.n_items, cold_start=self.encoder is not None,
             metrics=dict(m.metrics), loaded_at=self.loaded_at.isoformat(), upserts=self.upserts,
-            deletes=self.deletes, user_groups=m.user_groups)
+            deletes=self.deletes, user_groups=m.user_groups, event_watermark=self.watermark,
+            store_position=self.position, online_users=len(self.online),
+            online_interactions=self.online.total)

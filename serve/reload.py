@@ -1,135 +1,71 @@
-"""Hot reload: the model holder, the upsert journal and the watcher thread.
+"""Hot reload and durable online writes: the model holder and the bundle watcher thread.
 
 The holder owns one reference, `holder.model`; the servicer reads it once per request, so a swap
 never changes the model under a running request (in-flight requests finish on the old one, which
 is freed when the last of them drops it).
 
+Writes (UpsertItem, DeleteItem, RecordInteractions) are validated and encoded first, then
+committed to the event store (index.events) and only then applied to the live model, all under
+the mutation lock: an OK answer means the event is durable, and a store that cannot take it
+(database down, disk full) answers UNAVAILABLE / RESOURCE_EXHAUSTED with nothing applied, while
+reads keep serving. Events are applied to a model strictly in store order: a write first applies
+any other writer's events below its own id (read back from the store), and `catch_up` (called by
+the serve.online.Poller every `--poll-seconds`) applies the rest, so every process on one store
+converges on the same state. A client request id seen before is answered as a duplicate after
+catching up to its event, without writing again.
+
 The watcher polls `bundles/CURRENT` every `poll_seconds`. When it names a new version it loads
 the bundle (`index.bundle.load_bundle` verifies every sha256), builds the `ServingModel`, runs a
-smoke query (a Recommend and, with encoders, the encoding of a blank item), replays the journal,
-and swaps, all off the request path. A bundle that fails any step is refused and logged,
+smoke query, replays the store onto it and swaps, all off the request path. Replay applies every
+event after the bundle's `event_watermark` (upserts re-encoded with the new encoder), plus the
+latest upsert of any item the watermark covers but the bundle lacks (the retrain left it out:
+logged, never silently lost); the events written while the replay ran are applied under the
+mutation lock just before the swap. A bundle that fails to load or smoke is refused and logged,
 `recsys_reloads_total{result="failure"}` counts it, the old model keeps serving, and the same
-version is retried only after `retry_seconds` (or as soon as CURRENT names another version).
-Publishing an older version rolls back the same way.
-
-Upsert carry-over. Vectors from the old encoder are not comparable with a new model's space, so
-the journal keeps the raw inputs (image bytes, text) of online upserts, plus online deletes, one
-entry per item id (the latest operation wins). After a new bundle passes its smoke query, each
-upsert is re-encoded with the new encoder and inserted, unless the new bundle already holds that
-item (a bundle is authoritative for the items it was trained on: the entry is dropped); each
-delete is re-applied. Upserts are dropped with a warning when the new bundle has no encoder or
-cannot encode them. The journal is bounded (`journal_max_items` entries, `journal_max_bytes` of
-raw payload): past either bound the oldest entries are evicted, so those upserts will be missing
-from the next bundle and those deletes undone by it (counted in `recsys_journal_dropped_total`).
-A replay costs one encode per journaled upsert, off the request path but delaying the swap. The journal lives in memory: a
-restart forgets online changes, so production writers should also record items for the next
-training run. Entries recorded while a replay runs are applied under the mutation lock just
-before the swap, so no upsert is lost.
+version is retried only after `retry_seconds` (or as soon as CURRENT names another version). A
+store that cannot be read postpones the swap to the next poll. Publishing an older version rolls
+back the same way.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from index import events as ev
 from index.bundle import current_version, load_bundle
-from serve.errors import AlreadyExists, ServeError, Unavailable
+from index.events import Batch, Event, SQLStore, StoreError
+from serve.errors import AlreadyExists, InvalidArgument, NotFound, ServeError, Unavailable
+from serve.errors import refused_write
 from serve.metrics import Metrics
 from serve.model import ServingModel
+from serve.online import FoldIn, apply_event
 
 log = logging.getLogger(__name__)
 
-UPSERT, DELETE = "upsert", "delete"
-
 
 @dataclass(frozen=True)
-class Entry:
-    """One journaled online change."""
+class Written:
+    """The outcome of one acknowledged write."""
 
-    seq: int
-    op: str
-    image: bytes = b""
-    text: str = ""
-
-    @property
-    def size(self) -> int:
-        """Bytes of raw payload held."""
-        return len(self.image) + len(self.text.encode("utf-8", "surrogatepass"))
-
-
-class Journal:
-    """Bounded record of online upserts (raw inputs) and deletes since the bundle was built."""
-
-    def __init__(self, max_items: int, max_bytes: int, metrics: Metrics | None = None):
-        self.max_items, self.max_bytes, self.metrics = max_items, max_bytes, metrics
-        self._entries: OrderedDict[int, Entry] = OrderedDict()
-        self._bytes = 0
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def record(self, item_id: int, op: str, image: bytes = b"", text: str = "") -> None:
-        """Append (or replace) the entry of one item, then enforce the bounds."""
-        with self._lock:
-            self._seq += 1
-            self._drop(item_id)
-            entry = Entry(self._seq, op, image if op == UPSERT else b"", text if op == UPSERT else "")
-            self._entries[item_id] = entry
-            self._bytes += entry.size
-            while self._entries and (len(self._entries) > self.max_items
-                                     or self._bytes > self.max_bytes):
-                oldest = next(iter(self._entries))
-                log.warning("journal full: forgetting the online %s of item %d",
-                            self._entries[oldest].op, oldest)
-                self._drop(oldest)
-                if self.metrics:
-                    self.metrics.journal_dropped.inc()
-        self._report()
-
-    def entries(self, after: int = 0) -> list[tuple[int, Entry]]:
-        """(item_id, entry) pairs with seq > after, oldest first."""
-        with self._lock:
-            return [(i, e) for i, e in self._entries.items() if e.seq > after]
-
-    def last_seq(self) -> int:
-        """Sequence number of the latest record."""
-        return self._seq
-
-    def forget(self, item_id: int, seq: int) -> None:
-        """Remove an item's entry if it is still the one with this seq."""
-        with self._lock:
-            entry = self._entries.get(item_id)
-            if entry is not None and entry.seq == seq:
-                self._drop(item_id)
-        self._report()
-
-    def _drop(self, item_id: int) -> None:
-        """Remove an entry (lock held)."""
-        entry = self._entries.pop(item_id, None)
-        if entry is not None:
-            self._bytes -= entry.size
-
-    def _report(self) -> None:
-        """Export the journal size."""
-        if self.metrics:
-            self.metrics.journal_entries.set(len(self._entries))
+    model: ServingModel
+    event_id: int
+    duplicate: bool = False
+    replaced: bool = False
 
 
 class ModelHolder:
-    """The live model reference, the mutation lock and the journal."""
+    """The live model reference, the mutation lock and the event store."""
 
-    def __init__(self, journal: Journal, metrics: Metrics | None = None):
+    def __init__(self, store: SQLStore, metrics: Metrics | None = None):
         self.model: ServingModel | None = None
         self.name: str | None = None
-        self.journal, self.metrics = journal, metrics
+        self.store, self.metrics = store, metrics or Metrics()
         self.mutation_lock = threading.Lock()
 
     def require(self) -> ServingModel:
@@ -139,70 +75,208 @@ class ModelHolder:
             raise Unavailable("no bundle is loaded yet")
         return model
 
-    def upsert(self, item_id: int, image: bytes, text: str,
-               overwrite: bool) -> tuple[bool, ServingModel]:
-        """Encode (outside the lock) and insert an item; returns (replaced, model used)."""
+    # -- writes --------------------------------------------------------------------------------
+    def upsert(self, item_id: int, image: bytes, text: str, overwrite: bool,
+               request_id: str = "") -> Written:
+        """Encode (outside the lock), commit and insert an item."""
+        done = self._already(request_id)
+        if done is not None:
+            return done
         for _ in range(3):
             model = self.require()
             if not overwrite and model.has_item(item_id):
                 raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
-            vec = model.encode(image, text)
+            with self.metrics.encode_duration.time():
+                vec = model.encode(image, text)
             with self.mutation_lock:
                 if self.model is not model:
                     continue  # swapped while encoding: encode again with the new model
-                replaced = model.insert(item_id, vec, overwrite)
-                self.journal.record(item_id, UPSERT, image, text)
-            self._report(model)
-            return replaced, model
+                present = model.has_item(item_id)
+                if present and not overwrite:
+                    raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
+                event_id, dup = self._commit(model, ev.upsert(item_id, image, text, request_id),
+                                             vec)
+            return Written(model, event_id, dup, present and not dup)
         raise Unavailable("the bundle changed three times during this upsert; retry")
 
-    def delete(self, item_id: int) -> ServingModel:
-        """Remove an item from the live index and journal the delete."""
+    def delete(self, item_id: int, request_id: str = "") -> Written:
+        """Commit a delete and remove the item from the live index."""
+        done = self._already(request_id)
+        if done is not None:
+            return done
         with self.mutation_lock:
             model = self.require()
-            model.remove(item_id)
-            self.journal.record(item_id, DELETE)
+            if not model.has_item(item_id):
+                raise NotFound(f"item {item_id} is not in the index")
+            event_id, dup = self._commit(model, ev.delete(item_id, request_id))
+        return Written(model, event_id, dup)
+
+    def record(self, user_id: int, item_ids: np.ndarray, timestamps: np.ndarray, action: str,
+               request_id: str = "") -> Written:
+        """Commit a user's interactions (items must be in the index) and apply them."""
+        done = self._already(request_id)
+        if done is not None:
+            return done
+        if self._unknown(self.require(), item_ids):
+            self._caught_up()  # another process may have just upserted them
+        with self.mutation_lock:
+            model = self.require()
+            unknown = self._unknown(model, item_ids)
+            if unknown:
+                raise InvalidArgument(f"item_ids not in the index: {unknown[:10]}")
+            event = ev.interactions(user_id, item_ids, timestamps, action, request_id)
+            event_id, dup = self._commit(model, event)
+        return Written(model, event_id, dup)
+
+    @staticmethod
+    def _unknown(model: ServingModel, item_ids: np.ndarray) -> list[int]:
+        """The ids among item_ids that are not live in the model's index."""
+        return [i for i in np.unique(item_ids).tolist() if not model.has_item(i)]
+
+    def _already(self, request_id: str) -> Written | None:
+        """For a request id the store holds: catch up to its event and answer a duplicate."""
+        if not request_id:
+            return None
+        try:
+            event_id = self.store.lookup(request_id)
+        except StoreError as err:
+            raise self._refused("read", err) from err
+        if event_id is None:
+            return None
+        self._caught_up(event_id)
+        return Written(self.require(), event_id, duplicate=True)
+
+    def _commit(self, model: ServingModel, event: Event,
+                vector: np.ndarray | None = None) -> tuple[int, bool]:
+        """Append an event (lock held), then apply the store up to it; returns (id, duplicate)."""
+        try:
+            event_id, dup = self.store.append(event)
+        except StoreError as err:
+            raise self._refused("write", err) from err
+        try:
+            if not dup and event_id == model.position + 1:
+                self._apply(model, Event(**{**event.__dict__, "id": event_id}), vector)
+                model.position = event_id
+            else:
+                self._advance(model, event_id, {event_id: vector} if vector is not None else {})
+        except StoreError as err:  # durable already: the poller applies it once it can read
+            log.warning("event %d is committed but could not be applied yet: %s", event_id, err)
         self._report(model)
-        return model
+        return event_id, dup
+
+    def _refused(self, op: str, err: StoreError) -> ServeError:
+        """Count a store failure and turn it into the status to answer."""
+        self.metrics.store_errors.labels(op=op).inc()
+        log.warning("event store %s failed: %s", op, err)
+        return refused_write(err)
+
+    # -- applying the store ----------------------------------------------------------------------
+    def catch_up(self, through: int | None = None) -> int:
+        """Apply the store's events after the live model's position (encoding outside the lock);
+        returns how many were applied."""
+        model = self.model
+        if model is None:
+            return 0
+        target = self.store.head() if through is None else through
+        self.metrics.store_head.set(max(target, model.position))
+        applied = 0
+        while model.position < target:
+            batch = self.store.read(model.position, target)
+            vectors = self._encode(model, batch.events)
+            with self.mutation_lock:
+                if self.model is not model:
+                    return applied
+                if not (batch.events or batch.skipped):
+                    model.position = max(model.position, target)  # ids never used
+                    break
+                applied += self._apply_batch(model, batch, vectors)
+        self._report(model)
+        return applied
+
+    def _caught_up(self, through: int | None = None) -> None:
+        """catch_up for a request: a store failure becomes the status to answer."""
+        try:
+            self.catch_up(through)
+        except StoreError as err:
+            raise self._refused("read", err) from err
+
+    def _advance(self, model: ServingModel, through: int, vectors: dict) -> None:
+        """Apply events (position, through] to a model whose updates this thread owns."""
+        while model.position < through:
+            batch = self.store.read(model.position, through)
+            if not (batch.events or batch.skipped):
+                model.position = through
+                break
+            self._apply_batch(model, batch, vectors)
+
+    def _encode(self, model: ServingModel, events: list[Event]) -> dict[int, np.ndarray]:
+        """Vectors of the upserts among events (failures are left for _apply to report)."""
+        vectors = {}
+        for event in events:
+            if event.kind == ev.UPSERT and event.id > model.position:
+                try:
+                    vectors[event.id] = model.encode(event.image, event.text)
+                except ServeError:
+                    continue
+        return vectors
+
+    def _apply_batch(self, model: ServingModel, batch: Batch, vectors: dict) -> int:
+        """Apply a batch's events past the model's position; advance the position."""
+        applied = 0
+        for event in batch.events:
+            if event.id > model.position:
+                self._apply(model, event, vectors.get(event.id))
+                applied += 1
+        if batch.skipped:
+            self.metrics.store_skipped.labels(reason="damaged").inc(
+                sum(1 for i in batch.skipped if i > model.position))
+        model.position = max(model.position, batch.last_id)
+        return applied
+
+    def _apply(self, model: ServingModel, event: Event, vector: np.ndarray | None) -> None:
+        """Apply one event; an upsert that cannot be encoded is skipped, logged and counted."""
+        try:
+            apply_event(model, event, vector)
+        except ServeError as err:
+            log.warning("skipping event %d (%s of item %s) on bundle v%d: %s", event.id,
+                        event.kind, event.item_id, model.version, err)
+            self.metrics.store_skipped.labels(reason="unencodable").inc()
+            return
+        self.metrics.online_events.labels(kind=event.kind).inc()
 
     def swap(self, model: ServingModel, name: str) -> None:
-        """Replay the journal onto a smoke-tested model and make it live."""
-        carried: set[int] = set()
-        seq = self.journal.last_seq()
-        replay(model, self.journal, self.journal.entries(), carried)
+        """Replay the store onto a smoke-tested model and make it live."""
+        start = time.perf_counter()
+        self._restore_missing(model)
+        head = self.store.head()
+        if head < model.watermark:
+            log.warning("the event store %s ends at event %d, before bundle v%d's watermark %d: "
+                        "is it the store the bundle was trained from?", self.store.display, head,
+                        model.version, model.watermark)
+        self._advance(model, head, {})
         with self.mutation_lock:
-            replay(model, self.journal, self.journal.entries(after=seq), carried)
+            self._advance(model, self.store.head(), {})
             self.model, self.name = model, name
-        if carried:
-            log.info("carried %d online upserts over to bundle v%d", len(carried), model.version)
+        log.info("bundle v%d: applied store events %d..%d in %.2f s", model.version,
+                 model.watermark + 1, model.position, time.perf_counter() - start)
         self._report(model)
+
+    def _restore_missing(self, model: ServingModel) -> None:
+        """Re-insert items whose upsert the watermark covers but that the bundle lacks."""
+        if model.watermark == 0:
+            return
+        ids = [e for item, e, kind in self.store.latest_item_events(model.watermark)
+               if kind == ev.UPSERT and not model.has_item(item)]
+        for event in self.store.get(ids).events:
+            log.warning("item %d (upserted online, event %d) is not in bundle v%d although its "
+                        "watermark %d covers it; re-encoding it", event.item_id, event.id,
+                        model.version, model.watermark)
+            self._apply(model, event, None)
 
     def _report(self, model: ServingModel) -> None:
         """Export the live model's gauges."""
-        if self.metrics and model is self.model:
+        if model is self.model:
             self.metrics.loaded(model)
-
-
-def replay(model: ServingModel, journal: Journal, entries: list[tuple[int, Entry]],
-           carried: set[int]) -> None:
-    """Apply journaled changes to a new model; `carried` collects the items re-encoded so far."""
-    for item_id, entry in entries:
-        if entry.op == DELETE:
-            if model.has_item(item_id):
-                model.remove(item_id)
-            continue
-        if item_id not in carried and model.has_item(item_id):
-            log.info("item %d is in bundle v%d; dropping its online upsert", item_id, model.version)
-            journal.forget(item_id, entry.seq)
-            continue
-        try:
-            model.insert(item_id, model.encode(entry.image, entry.text), overwrite=True)
-            carried.add(item_id)
-        except ServeError as err:
-            log.warning("dropping the online upsert of item %d: %s", item_id, err)
-            journal.forget(item_id, entry.seq)
-            if journal.metrics:
-                journal.metrics.journal_dropped.inc()
 
 
 class Watcher:
@@ -215,6 +289,7 @@ class Watcher:
         self.metrics, self.poll_seconds, self.retry_seconds = metrics, poll_seconds, retry_seconds
         self.on_swap = on_swap
         self._failed: dict[str, float] = {}
+        self._waiting: tuple[str, ServingModel] | None = None  # loaded, store not readable yet
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
 
@@ -250,17 +325,31 @@ class Watcher:
             return False
         start = time.perf_counter()
         try:
-            model = self.build(self.bundles_dir / name)
-            model.smoke()
+            model = self._load(name)
             self.holder.swap(model, name)
+        except StoreError as err:  # not the bundle's fault: keep it loaded, retry next poll
+            log.warning("cannot replay the event store onto bundle %s yet (%s); still serving "
+                        "%s", name, err, self.holder.name or "nothing")
+            return False
         except Exception as err:  # noqa: BLE001 - refuse the bundle, keep serving the old one
+            self._waiting = None
             return self._fail(name, err)
+        self._waiting = None
         self._failed.pop(name, None)
         self.metrics.reloads.labels(result="success").inc()
         log.info("serving bundle %s (loaded in %.2f s)", name, time.perf_counter() - start)
         if self.on_swap:
             self.on_swap(model)
         return True
+
+    def _load(self, name: str) -> ServingModel:
+        """The verified, smoke-tested model of a bundle (kept while the store is unreadable)."""
+        if self._waiting is not None and self._waiting[0] == name:
+            return self._waiting[1]
+        model = self.build(self.bundles_dir / name)
+        model.smoke()
+        self._waiting = (name, model)
+        return model
 
     def _fail(self, name: str, err: Exception) -> bool:
         """Count and log a refused bundle, remembering when it failed."""
@@ -272,7 +361,8 @@ class Watcher:
         return False
 
 
-def build_model(path: Path, encoder_threads: int = 1, max_pixels: int | None = None) -> ServingModel:
+def build_model(path: Path, encoder_threads: int = 1, max_pixels: int | None = None,
+                fold_in: FoldIn | None = None) -> ServingModel:
     """Verify a bundle directory and load it as a ServingModel."""
     kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-    return ServingModel.from_bundle(load_bundle(path), encoder_threads, **kwargs)
+    return ServingModel.from_bundle(load_bundle(path), encoder_threads, fold_in=fold_in, **kwargs)

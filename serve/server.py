@@ -1,6 +1,7 @@
 """Server wiring: gRPC server, health, reflection, metrics endpoint and the bundle watcher.
 
-    python -m serve --bundles DIR [--host 127.0.0.1] [--port 50051] [--metrics-port 9100]
+    python -m serve --bundles DIR [--state DIR | --store postgresql://...] [--host 127.0.0.1]
+                    [--port 50051] [--metrics-port 9100]
 
 `start(ServerConfig(...))` returns a `RunningServer` whose `port` is the bound port (port 0 picks a
 free one), so tests and benchmarks can run a real server in-process. The process imports neither
@@ -12,11 +13,13 @@ Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for ""
 stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING, the watcher stops, and
 `server.stop(grace)` lets in-flight RPCs finish.
 
-Hot reload and online upserts (details in serve.reload): a newly published bundle is loaded,
-verified and smoke-queried off the request path, the journal of online upserts is re-encoded with
-the new encoder (deletes re-applied), and one reference is swapped; a broken bundle is refused
-(`recsys_reloads_total{result="failure"}`) and the old one keeps serving. The journal is bounded
-and in memory: online upserts beyond its bounds, or made before a restart, are dropped.
+Hot reload and online writes (details in serve.reload and docs/events.md): UpsertItem,
+DeleteItem and RecordInteractions commit to the event store before they answer OK (SQLite under
+`--state`, default BUNDLES/.state, or PostgreSQL with `--store`); on start and on every reload
+the store's events after the bundle's watermark are applied (upserts re-encoded with the new
+encoder) before one reference is swapped; a broken bundle is refused
+(`recsys_reloads_total{result="failure"}`) and the old one keeps serving. A poller thread applies
+the writes of other processes on the same store every `poll_seconds`.
 
 Concurrency. A thread pool serves RPCs (the Python gRPC layer costs ~0.3 ms of CPU per RPC and
 holds the GIL for it; to use more cores, run several processes with `--reuse-port` on the same
@@ -37,10 +40,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field
 
+from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
-from serve.reload import Journal, ModelHolder, Watcher, build_model
+from serve.online import FoldIn, Poller
+from serve.reload import ModelHolder, Watcher, build_model
 from serve.servicer import SERVICE_NAME, RecommenderServicer
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bundles: Path
+    state: Path | None = Field(None, description="SQLite event store folder; None: BUNDLES/.state")
+    store: str | None = Field(None, description="postgresql://... (shared store); None: SQLite")
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
@@ -67,16 +74,31 @@ class ServerConfig(BaseModel):
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    fold_in: FoldIn = Field(default_factory=FoldIn)
+
+    def store_url(self) -> str:
+        """The event store to open: --store, else the SQLite file under the state folder."""
+        return self.store or str(self.state or self.bundles / ".state")
+
+
+def open_event_store(cfg: ServerConfig) -> SQLStore:
+    """Open (and create) the event store, or fail with a message that says what to change."""
+    try:
+        return open_store(cfg.store_url())
+    except (StoreError, OSError) as err:
+        raise RuntimeError(f"cannot open the event store {cfg.store_url()}: {err} (pass --state "
+                           f"DIR on a writable disk, or --store postgresql://...)") from err
 
 
 class RunningServer:
     """A started server: its ports, collaborators and a stop()."""
 
     def __init__(self, server: grpc.Server, port: int, metrics_port: int | None,
-                 holder: ModelHolder, watcher: Watcher, health_servicer: health.HealthServicer,
-                 metrics: Metrics, grace: float):
+                 holder: ModelHolder, watcher: Watcher, poller: Poller,
+                 health_servicer: health.HealthServicer, metrics: Metrics, grace: float):
         self.server, self.port, self.metrics_port = server, port, metrics_port
-        self.holder, self.watcher, self.health, self.metrics = holder, watcher, health_servicer, metrics
+        self.holder, self.watcher, self.poller = holder, watcher, poller
+        self.health, self.metrics = health_servicer, metrics
         self.grace = grace
         self.ready = threading.Event()
         self._stopped = False
@@ -92,13 +114,15 @@ class RunningServer:
         self.ready.set()
 
     def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop the watcher, let in-flight RPCs finish, stop metrics."""
+        """Health NOT_SERVING, stop the threads, let in-flight RPCs finish, close the store."""
         if self._stopped:
             return
         self._stopped = True
         self.health.enter_graceful_shutdown()
         self.watcher.stop()
+        self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
+        self.holder.store.close()
         self.metrics.stop_http()
         log.info("server stopped")
 
@@ -139,11 +163,11 @@ def _health() -> health.HealthServicer:
 
 
 def start(cfg: ServerConfig) -> RunningServer:
-    """Start the gRPC server, metrics endpoint and watcher; returns at once (not yet SERVING)."""
+    """Start the gRPC server, metrics endpoint, watcher and event poller; returns at once (not
+    yet SERVING)."""
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
-    holder = ModelHolder(Journal(cfg.limits.journal_max_items, cfg.limits.journal_max_bytes,
-                                 metrics), metrics)
+    holder = ModelHolder(open_event_store(cfg), metrics)
     server = grpc.server(futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="rpc"),
                          options=_grpc_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
@@ -157,16 +181,18 @@ def start(cfg: ServerConfig) -> RunningServer:
                     else metrics.start_http(cfg.metrics_host, cfg.metrics_port))
 
     def build(path: Path):
-        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels)
+        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
 
     watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
-    running = RunningServer(server, port, metrics_port, holder, watcher, health_servicer, metrics,
-                            cfg.grace_seconds)
+    poller = Poller(holder, metrics, cfg.poll_seconds)
+    running = RunningServer(server, port, metrics_port, holder, watcher, poller, health_servicer,
+                            metrics, cfg.grace_seconds)
     watcher.on_swap = running.set_serving
     server.start()
     watcher.start()
-    log.info("gRPC on %s:%d (%s), bundles from %s", cfg.host, port,
-             "TLS" if cfg.tls_cert else "plaintext", cfg.bundles)
+    poller.start()
+    log.info("gRPC on %s:%d (%s), bundles from %s, event store %s", cfg.host, port,
+             "TLS" if cfg.tls_cert else "plaintext", cfg.bundles, holder.store.display)
     return running
 
 

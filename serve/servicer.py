@@ -1,8 +1,9 @@
 """The gRPC servicer: one short method per RPC over a model holder, metrics and limits.
 
 Every method reads `holder.model` once, so a hot swap never changes the model mid-request. Errors
-map to status codes through the ServeError classes (see serve.limits and the README's table); any
-other exception becomes INTERNAL with a reference that is also logged, so the server never dies
+map to status codes through the ServeError classes (see serve.limits and the table in
+docs/serving.md); any other exception becomes INTERNAL with a reference that is also logged, so
+the server never dies
 on input.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import grpc
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.errors import ServeError
-from serve.limits import Limits, check_batch, check_id, check_item, check_query
+from serve.limits import (Limits, check_batch, check_id, check_interactions, check_item,
+                          check_query, check_request_id)
 from serve.metrics import Metrics
 from serve.model import POPULAR, RECENT, USER, Recommendation, ServingModel
 from serve.reload import ModelHolder
@@ -32,7 +34,8 @@ _SOURCES = {USER: pb.SOURCE_USER_VECTOR, RECENT: pb.SOURCE_RECENT_ITEMS,
 def to_response(rec: Recommendation, version: int) -> pb.RecommendResponse:
     """A Recommendation as a RecommendResponse."""
     resp = pb.RecommendResponse(model_version=version, source=_SOURCES[rec.source],
-                                fallback=rec.source != USER, fallback_reason=rec.reason)
+                                fallback=rec.source != USER, fallback_reason=rec.reason,
+                                recent_items_used=rec.recent_used)
     for item_id, score in zip(rec.item_ids.tolist(), rec.scores.tolist()):
         resp.items.add(item_id=item_id, score=score)
     return resp
@@ -70,31 +73,47 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self._handle("EncodeItem", context, run)
 
     def UpsertItem(self, request, context):
-        """Encode an item and insert it into the live index."""
+        """Encode an item, commit it to the event store, insert it into the live index."""
         def run():
             item_id = check_id(request.item_id)
             check_item(request.image, request.text, self.limits)
+            request_id = check_request_id(request.request_id, self.limits)
             self.holder.require().require_encoder()
-            with self.metrics.encode_duration.time():
-                replaced, model = self.holder.upsert(item_id, request.image, request.text,
-                                                     request.overwrite)
-            return pb.UpsertItemResponse(item_id=item_id, replaced=replaced,
-                                         model_version=model.version, index_items=model.n_items)
+            done = self.holder.upsert(item_id, request.image, request.text, request.overwrite,
+                                      request_id)
+            return pb.UpsertItemResponse(item_id=item_id, replaced=done.replaced,
+                                         model_version=done.model.version,
+                                         index_items=done.model.n_items,
+                                         event_id=done.event_id, duplicate=done.duplicate)
         return self._handle("UpsertItem", context, run)
 
     def DeleteItem(self, request, context):
-        """Remove an item from the live index."""
+        """Commit a delete to the event store and remove the item from the live index."""
         def run():
             item_id = check_id(request.item_id)
-            model = self.holder.delete(item_id)
-            return pb.DeleteItemResponse(item_id=item_id, model_version=model.version,
-                                         index_items=model.n_items)
+            done = self.holder.delete(item_id, check_request_id(request.request_id, self.limits))
+            return pb.DeleteItemResponse(item_id=item_id, model_version=done.model.version,
+                                         index_items=done.model.n_items,
+                                         event_id=done.event_id, duplicate=done.duplicate)
         return self._handle("DeleteItem", context, run)
 
+    def RecordInteractions(self, request, context):
+        """Commit a user's interactions; they change the user's next Recommend."""
+        def run():
+            user, items, stamps = check_interactions(
+                request.user_id, request.item_ids, request.timestamps, request.kind, self.limits,
+                int(time.time()))
+            done = self.holder.record(user, items, stamps, request.kind,
+                                      check_request_id(request.request_id, self.limits))
+            return pb.RecordInteractionsResponse(event_id=done.event_id, recorded=len(items),
+                                                 duplicate=done.duplicate,
+                                                 model_version=done.model.version)
+        return self._handle("RecordInteractions", context, run)
+
     def GetModelInfo(self, request, context):
-        """Manifest summary of the loaded bundle."""
-        return self._handle("GetModelInfo", context,
-                            lambda: pb.ModelInfo(**self.holder.require().info()))
+        """Manifest summary of the loaded bundle and the applied store position."""
+        return self._handle("GetModelInfo", context, lambda: pb.ModelInfo(
+            **self.holder.require().info(), store=self.holder.store.display))
 
     def _query(self, request: pb.RecommendRequest):
         """Validated fields of a RecommendRequest (exclude_seen defaults to true)."""

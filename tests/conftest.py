@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random dataset in the MMRec format, written without the generator."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,29 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny")
     write_inter(d / "tiny.inter", random_rows(60, 80, seed=0))
     return d
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session; skipped when PostgreSQL is missing,
+    except in CI (CI=1), where a missing PostgreSQL is a failure."""
+    from bench.pgcluster import cluster_or_reason
+
+    cluster, why = cluster_or_reason()
+    if cluster is None:
+        if os.environ.get("CI") == "1":
+            pytest.fail(f"CI=1 requires PostgreSQL for the event-store tests: {why}")
+        pytest.skip(why)
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """An empty event store: a SQLite state folder, or a fresh schema in the PG cluster."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state")
+    return request.getfixturevalue("pg_cluster").new_store_url()
 
 
 def pytest_sessionstart(session):

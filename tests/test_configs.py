@@ -41,7 +41,7 @@ def test_stage2_config_validates(path):
     from train.encoders import MiniLMConfig, TimmCnnConfig, build_encoder
     from train.encoders.peft_methods import apply_peft, check_peft_fits
     from train.encoders.prompts import count_trainable
-    from train.stage2 import Stage2Config
+    from train.config import Stage2Config
 
     s2 = Stage2Config.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     assert s2.modalities in (["text"], ["image"])

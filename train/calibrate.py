@@ -19,9 +19,9 @@ import torch
 from train.backbones import Backbone
 from train.coldstart import ColdSplit, evaluate_cold
 from train.data import Dataset
-from train.fit import batch_to, heads_batch_loss, kt_targets
+from train.fit import heads_batch_loss, kt_targets
 from train.heads import ContentHeads
-from train.sampling import NegativeSampler, epoch_batches, seeded_torch
+from train.sampling import NegativeSampler, batch_to, epoch_batches, seeded_torch
 
 log = logging.getLogger(__name__)
 

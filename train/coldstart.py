@@ -82,7 +82,7 @@ def evaluate_cold(users: torch.Tensor, cold_vectors: torch.Tensor, split: ColdSp
 def random_baseline(split: ColdSplit, ks: list[int], seed: int, draws: int = 5) -> dict[str, float]:
     """Mean metrics of uniformly random rankings of the held-out items."""
     gen = torch.Generator().manual_seed(seed)
-    n_users, n_cold = split.ranking.n_users, split.ranking.n_items
+    n_cold = split.ranking.n_items
     runs = [evaluate_scores(lambda u: torch.rand(len(u), n_cold, generator=gen), split.ranking,
                             "test", ks) for _ in range(draws)]
     return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}

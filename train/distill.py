@@ -15,7 +15,7 @@ Student loss per batch of (user, positive, negative) triples, scores scaled by 1
   PromptMM distils image-only and text-only teacher lists; a teacher here is one fused model, so
   its one list is distilled.
 The KD weights default to 0.1 (PromptMM scales its KD terms by 1e6 against its own loss scale):
-chosen on validation on ml100k (docs/STATUS.md "Distillation"); at 1 the student copies the
+chosen on validation on ml100k (docs/results.md, "Distillation"); at 1 the student copies the
 teacher's errors along with its ranking.
 PromptMM's feature term (SCE between teacher modal item embeddings and the student's) is left out:
 the student is ID-only and its dimension differs from the teacher's.
@@ -35,8 +35,6 @@ backbone, best.pt, metrics.json with a "distill" section): `python -m export --r
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
@@ -46,16 +44,17 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from train import checkpoint
 from train.backbones import Backbone
 from train.backbones.base import BackboneInputs
 from train.backbones.bpr import BPRConfig
 from train.backbones.lightgcn import LightGCNConfig
+from train.cli import EXIT_CONFIG, load_or_report, parser, setup_logging
 from train.config import EvalConfig, OptimConfig, Strict, TrainConfig, load_raw
 from train.data import DatasetError
-from train.fit import BEST
+from train.run import BEST, DISTILL, load_run, run_device, write_metrics
 from train.sampling import Batch
 from train.stage1 import metrics_table, run_stage1
 
@@ -137,6 +136,10 @@ class Distilled(Backbone):
         self.register_buffer("t_items", teacher_items.detach().clone(), persistent=False)
         self.register_buffer("pool", pool, persistent=False)
 
+    @property
+    def dim(self) -> int:
+        return self.student.dim
+
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.student.embeddings()
 
@@ -194,8 +197,6 @@ def unwrap_checkpoint(path: Path) -> None:
 def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch.device,
                 resume: bool = False) -> dict:
     """Distil the teacher run into a student run at `out`; returns the student's metrics."""
-    from export.bundle import load_run  # noqa: PLC0415 - export imports train: keep it lazy
-
     if not (teacher_dir / BEST).is_file():
         raise FileNotFoundError(f"{teacher_dir}: no {BEST}; is it a finished training run?")
     teacher = load_run(teacher_dir, device)
@@ -234,9 +235,9 @@ def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch
         "teacher_dim": d_teacher, "student_dim": d_student,
         "item_vector_bytes": {"teacher": 4 * d_teacher, "student": 4 * d_student},
         "config": dcfg.model_dump(mode="json"), "wall_seconds": time.perf_counter() - start}
-    (out / "distill.yaml").write_text(yaml.safe_dump(dcfg.model_dump(mode="json"),
-                                                     sort_keys=False), encoding="utf-8")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (out / DISTILL).write_text(yaml.safe_dump(dcfg.model_dump(mode="json"), sort_keys=False),
+                               encoding="utf-8")
+    write_metrics(out, metrics)
     return metrics
 
 
@@ -247,30 +248,25 @@ def load_distill_config(path: Path | None, overrides: list[str]) -> DistillConfi
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    setup_logging()
+    p = parser("python -m train.distill", __doc__, config_required=False,
+               config_help="distillation YAML (default: LightGCN 1 layer 32-d)")
     p.add_argument("--teacher", type=Path, required=True, help="finished teacher run directory")
-    p.add_argument("--config", type=Path, help="distillation YAML (default: LightGCN 1 layer 32-d)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=c")
     p.add_argument("--out", type=Path, required=True, help="student run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args(argv)
-    try:
-        dcfg = load_distill_config(args.config, args.overrides)
-    except (ValidationError, ValueError, OSError, yaml.YAMLError) as e:
-        print(f"error: invalid distillation config {args.config}:\n{e}", file=sys.stderr)
-        return 2
+    dcfg = load_or_report(load_distill_config, args.config, args.overrides,
+                          "distillation config")
+    if dcfg is None:
+        return EXIT_CONFIG
     if args.threads:
         torch.set_num_threads(args.threads)
-    from train.__main__ import run_device  # the CLI module imports the trainers, not vice versa
-
     try:
         metrics = run_distill(args.teacher, dcfg, args.out, run_device(args.teacher), args.resume)
     except (FileNotFoundError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     info = metrics["distill"]
     teacher = {"test": info["teacher_test"], "valid": info["teacher_valid"]}
     print(f"\nteacher {info['teacher_backbone']} ({info['teacher_dim']}-d), {args.teacher}:\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +23,10 @@ from train.config import EvalConfig, OptimConfig
 from train.data import Dataset
 from train.evaluate import Evaluator, embedding_score_fn
 from train.heads import ContentHeads
-from train.sampling import Batch, NegativeSampler, epoch_batches
+from train.run import BEST, CHECKPOINT
+from train.sampling import Batch, NegativeSampler, batch_to, epoch_batches
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
 
 
 @dataclass
@@ -98,6 +98,42 @@ def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
     return FitState(**ck["state"])
 
 
+def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[int], float],
+               validate: Callable[[int], dict[str, float]],
+               on_best: Callable[[int, dict[str, float]], dict[str, float]], metric: str,
+               stops: Callable[[int, int, int], bool],
+               after_epoch: Callable[[FitState], None] | None = None,
+               desc: str = "epochs") -> FitState:
+    """The early-stopped loop of both stages: train an epoch, validate, and on a strict
+    improvement of `metric` call `on_best` (it saves the state and returns the test figures);
+    stop when `stops(epoch, best_epoch, validations without improvement)` says so."""
+    bar = tqdm(epochs, desc=desc, unit="ep", dynamic_ncols=True)
+    for epoch in bar:
+        if stops(epoch, state.best_epoch, state.bad_evals):
+            break
+        t0 = time.perf_counter()
+        loss = train_epoch(epoch)
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        valid = validate(epoch)
+        record = {"epoch": epoch, "loss": loss, "valid": valid,
+                  "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1}
+        score = valid[metric]
+        if score > state.best_valid:
+            state.best_valid, state.best_epoch, state.bad_evals = score, epoch, 0
+            state.best_valid_metrics = valid
+            state.best_test_metrics = record["test"] = on_best(epoch, valid)
+        else:
+            state.bad_evals += 1
+        state.epoch = epoch
+        state.history.append(record)
+        if after_epoch is not None:
+            after_epoch(state)
+        bar.set_postfix(loss=f"{loss:.4f}", valid=f"{score:.4f}",
+                        best=f"{state.best_valid:.4f}@{state.best_epoch}")
+    return state
+
+
 def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: EvalConfig,
         run_dir: Path, seed: int, device: torch.device, resume: bool = False,
         max_epochs_this_call: int | None = None, heads: ContentHeads | None = None,
@@ -123,11 +159,8 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
     epochs = range(state.epoch + 1, optim_cfg.epochs)
     if max_epochs_this_call is not None:
         epochs = epochs[:max_epochs_this_call]
-    bar = tqdm(epochs, desc="epochs", unit="ep", dynamic_ncols=True)
-    for epoch in bar:
-        if state.bad_evals > eval_cfg.patience:
-            break
-        t0 = time.perf_counter()
+
+    def train_epoch(epoch: int) -> float:
         modules.train()
         model.on_epoch_start(generator)
         targets = kt_targets(model, heads)
@@ -141,29 +174,13 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
             optimizer.step()
             total, n_batches = total + loss.item(), n_batches + 1
         scheduler.step()
-        train_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        valid = evaluate_model(model, valid_eval)
-        record = {"epoch": epoch, "loss": total / max(1, n_batches), "valid": valid,
-                  "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1}
-        score = valid[eval_cfg.valid_metric]
-        if score > state.best_valid:
-            state.best_valid, state.best_epoch, state.bad_evals = score, epoch, 0
-            state.best_valid_metrics = valid
-            state.best_test_metrics = record["test"] = evaluate_model(model, test_eval)
-            checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
-        else:
-            state.bad_evals += 1
-        state.epoch = epoch
-        state.history.append(record)
-        _save(run_dir, modules, optimizer, scheduler, generator, state)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", valid=f"{score:.4f}",
-                        best=f"{state.best_valid:.4f}@{state.best_epoch}")
-    return state
+        return total / max(1, n_batches)
 
+    def on_best(epoch: int, valid: dict) -> dict:
+        test = evaluate_model(model, test_eval)
+        checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
+        return test
 
-def batch_to(batch, device: torch.device):
-    """Move a batch to the training device."""
-    if device.type == "cpu":
-        return batch
-    return type(batch)(batch.users.to(device), batch.pos.to(device), batch.neg.to(device))
+    return run_epochs(epochs, state, train_epoch, lambda e: evaluate_model(model, valid_eval),
+                      on_best, eval_cfg.valid_metric, eval_cfg.stops,
+                      lambda st: _save(run_dir, modules, optimizer, scheduler, generator, st))

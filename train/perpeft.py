@@ -167,6 +167,11 @@ class GroupedBackbone(Backbone):
         return {m: torch.cat([t[m] for t in self.tables], dim=1).detach()
                 for m in self.tables[0]}
 
+    @property
+    def dim(self) -> int:
+        """The active group's d, or G·d for the block concatenation."""
+        return self.inner.dim * (1 if self.active is not None else self.n_groups)
+
     def set_features(self, modality: str, features: Tensor) -> None:
         """Write (I, G·D) features into the groups' tables, block g into group g's."""
         for table, block in zip(self.tables, features.chunk(self.n_groups, dim=1)):

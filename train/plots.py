@@ -17,6 +17,14 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
+
+from train import checkpoint
+from train.data import load_dataset
+from train.features import item_features
+from train.modules import build_towers
+from train.run import BEST, PLOTS, STAGE1_CONFIG, STAGE2, TSNE, read_stage2
+from train.tuning import encode
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -111,28 +119,16 @@ def plot_tsne_kde(sets: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
 
 def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per tuned modality of a stage-2 run: (frozen features, tuned features at best valid)."""
-    import torch
-    import yaml
-
-    from train import checkpoint
-    from train.config import load_config
-    from train.data import load_dataset
-    from train.features import item_features
-    from train.fit import BEST
-    from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers
-    from train.tuning import encode
-
     device = device or torch.device("cpu")
-    for name in ("stage2.yaml", STAGE1_CONFIG, BEST):
+    for name in (STAGE2, STAGE1_CONFIG, BEST):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name}: not a finished stage-2 run "
                                     "(python -m train.stage2 --run STAGE1_RUN --out RUN_DIR)")
-    s2 = Stage2Config.model_validate(yaml.safe_load((run_dir / "stage2.yaml").read_text()) or {})
-    cfg = load_config(run_dir / STAGE1_CONFIG)
+    cfg, s2 = read_stage2(run_dir)
     dataset = load_dataset(cfg.data.path)
     before = item_features(cfg.encoders, dataset, device)
     state = checkpoint.load(run_dir / BEST)
-    groups = s2.groups  # PerPEFT: one set of tuned features per user group
+    groups = s2.perpeft.groups  # PerPEFT: one set of tuned features per user group
     after, missing = {}, []
     for m in s2.modalities:
         # a grouped (PerPEFT) backbone keeps one table per group
@@ -144,7 +140,7 @@ def stage2_feature_sets(run_dir: Path, device=None) -> dict[str, tuple[np.ndarra
         else:
             missing.append(m)
     if missing:
-        after |= _reencode(run_dir, cfg, s2, dataset, state, missing, device, build_towers, encode)
+        after |= _reencode(run_dir, cfg, s2, dataset, state, missing, device)
     return {_label(m, g, groups): (np.asarray(before[m]), after[_label(m, g, groups)])
             for m in s2.modalities for g in range(groups)}
 
@@ -154,20 +150,18 @@ def _label(modality: str, group: int, groups: int) -> str:
     return modality if groups == 1 else f"{modality}, user group {group}"
 
 
-def _reencode(run_dir, cfg, s2, dataset, state, modalities, device, build_towers,
-              encode) -> dict[str, np.ndarray]:
+def _reencode(run_dir, cfg, s2, dataset, state, modalities, device) -> dict[str, np.ndarray]:
     """Re-encode every item with the tuned towers stored in best.pt (each group's, PerPEFT)."""
     raw = {"image": dataset.items.images, "text": dataset.items.texts}
     out = {}
-    for g in range(s2.groups):
-        member = "" if s2.groups == 1 else f"members.{g}."
-        tuned = _reencode_group(run_dir, cfg, s2, state, modalities, device, build_towers,
-                                encode, raw, member)
-        out |= {_label(m, g, s2.groups): f for m, f in tuned.items()}
+    for g in range(s2.perpeft.groups):
+        member = "" if s2.perpeft.groups == 1 else f"members.{g}."
+        tuned = _reencode_group(run_dir, cfg, s2, state, modalities, device, raw, member)
+        out |= {_label(m, g, s2.perpeft.groups): f for m, f in tuned.items()}
     return out
 
 
-def _reencode_group(run_dir, cfg, s2, state, modalities, device, build_towers, encode, raw,
+def _reencode_group(run_dir, cfg, s2, state, modalities, device, raw,
                     member: str) -> dict[str, np.ndarray]:
     """Every item encoded by the towers stored under towers.<m>.<member> in best.pt."""
     towers = build_towers(cfg.encoders, s2.model_copy(update={"modalities": modalities}))
@@ -176,15 +170,15 @@ def _reencode_group(run_dir, cfg, s2, state, modalities, device, build_towers, e
         prefix = f"towers.{m}.{member}"
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not own:
-            raise KeyError(f"{run_dir}/best.pt has no {prefix}* parameters to re-encode {m} with")
+            raise KeyError(f"{run_dir / BEST} has no {prefix}* parameters to re-encode {m} with")
         result = tower.load_state_dict(own, strict=False)
         tuned = {n for n, q in tower.named_parameters() if q.requires_grad}
         if result.unexpected_keys or tuned & set(result.missing_keys):
-            raise KeyError(f"{run_dir}/best.pt does not match the {m} tower of its stage2.yaml: "
+            raise KeyError(f"{run_dir / BEST} does not match the {m} tower of its stage2.yaml: "
                            f"unexpected {result.unexpected_keys[:3]}, missing tuned "
                            f"{sorted(tuned & set(result.missing_keys))[:3]}")
         tower.to(device).eval()
-        out[m] = encode(tower, raw[m], s2.encode_batch_size, device, grad=False).cpu().numpy()
+        out[m] = encode(tower, raw[m], s2.encode.batch_size, device, grad=False).cpu().numpy()
     return out
 
 
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/plots/tsne_kde.png)")
     p.add_argument("--seed", type=int, default=0, help="t-SNE random state")
     args = p.parse_args(argv)
-    out = args.out or args.run / "plots" / "tsne_kde.png"
+    out = args.out or args.run / PLOTS / TSNE
     plot_tsne_kde(stage2_feature_sets(args.run), out, args.seed, title=str(args.run))
     print(out)
     return 0

@@ -75,3 +75,10 @@ def epoch_batches(train: torch.Tensor, sampler: NegativeSampler, batch_size: int
     neg = sampler.sample(users, generator)
     for s in range(0, len(users), batch_size):
         yield Batch(users[s:s + batch_size], pos[s:s + batch_size], neg[s:s + batch_size])
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """Move a batch to the training device."""
+    if device.type == "cpu":
+        return batch
+    return Batch(batch.users.to(device), batch.pos.to(device), batch.neg.to(device))

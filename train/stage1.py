@@ -6,9 +6,7 @@ and `plots/curves.png`.
 """
 from __future__ import annotations
 
-import json
 import logging
-import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,31 +16,17 @@ import torch
 from train import checkpoint
 from train.backbones import Backbone, BackboneInputs, build_backbone
 from train.calibrate import calibrate_heads
-from train.coldstart import (ColdSplit, content_knn_baseline, evaluate_cold, random_baseline,
-                             run_splits)
+from train.coldstart import ColdSplit, content_knn_baseline, evaluate_cold, random_baseline
 from train.config import TrainConfig, dump_config
-from train.data import Dataset, load_dataset
-from train.features import item_features
-from train.fit import BEST, FitState, fit
+from train.data import Dataset
+from train.fit import FitState, fit
 from train.heads import ContentHeads
+from train.modules import backbone_inputs, build_heads, prepare_data
 from train.plots import plot_curves
+from train.run import BEST, CONFIG, CURVES, PLOTS, write_metrics
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def backbone_inputs(dataset: Dataset, device: torch.device) -> BackboneInputs:
-    """Tensors a backbone is built from."""
-    train = torch.from_numpy(dataset.train).to(device)
-    feats = {m: torch.from_numpy(f).to(device) for m, f in dataset.features.items()}
-    return BackboneInputs(dataset.n_users, dataset.n_items, train[:, 0], train[:, 1], feats)
 
 
 def metrics_summary(state: FitState) -> dict:
@@ -111,30 +95,14 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     `wrap(backbone, inputs)` replaces the built backbone by what it returns, e.g. the backbone with
     a distillation loss (train/distill.py); content heads are sized on the wrapped model."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.seed)
-    dataset = load_dataset(cfg.data.path)
-    log.info(dataset.summary())
-    if cfg.encoders:
-        dataset.features = item_features(cfg.encoders, dataset, device)
-    for m, f in (features or {}).items():
-        if m not in dataset.features or f.shape != dataset.features[m].shape:
-            raise ValueError(f"substitute {m} features {f.shape} do not match the configured "
-                             f"encoder's {getattr(dataset.features.get(m), 'shape', None)}")
-        dataset.features[m] = np.ascontiguousarray(f, dtype=np.float32)
-    dataset, split, calib = run_splits(dataset, cfg.cold_start, cfg.heads, cfg.seed)
-    for name, held in (("cold start", split), ("head calibration", calib)):
-        if held is not None:
-            log.info("%s: %d items held out of training", name, len(held.items))
+    dump_config(cfg, run_dir / CONFIG)
+    data = prepare_data(cfg, device, features)
+    dataset, split, calib = data.train, data.cold, data.calib
     inputs = backbone_inputs(dataset, device)
     model = build_backbone(cfg.backbone, inputs).to(device)
     if wrap is not None:
         model = wrap(model, inputs).to(device)
-    heads = None
-    if cfg.heads:
-        out_dim = model.user_embeddings().shape[1]
-        dims = {m: f.shape[1] for m, f in inputs.features.items()}
-        heads = ContentHeads(cfg.heads, dims, out_dim).to(device)
+    heads = build_heads(cfg, None, inputs.features, model, device)
     state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
                 max_epochs_this_call, heads, inputs.features)
     metrics = metrics_summary(state)
@@ -142,6 +110,6 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
         modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
         metrics |= calibrate_best(modules, inputs.features, dataset, (split, calib), cfg,
                                   run_dir / BEST)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    plot_curves(state.history, run_dir / "plots" / "curves.png", cfg.eval.valid_metric)
+    write_metrics(run_dir, metrics)
+    plot_curves(state.history, run_dir / PLOTS / CURVES, cfg.eval.valid_metric)
     return metrics

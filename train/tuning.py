@@ -4,16 +4,12 @@ without KT), and one training epoch of (user group, batch) pairs.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from train import perpeft
-from train.fit import batch_to
+from train.config import Stage2Config
 from train.losses import bpr_loss, knowledge_transfer
-
-if TYPE_CHECKING:
-    from train.stage2 import Stage2Config
+from train.sampling import batch_to
 
 
 def length_order(tower, raw: list) -> list[int] | None:
@@ -53,7 +49,7 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     and write the result into the backbone's feature tables."""
     for t in towers.values():
         t.eval()
-    tuned = {m: encode(t, raw[m], s2.encode_batch_size, device, grad=False, bf16=s2.cpu_bf16)
+    tuned = {m: encode(t, raw[m], s2.encode.batch_size, device, grad=False, bf16=s2.encode.cpu_bf16)
              for m, t in towers.items()}
     feats = raw["frozen"] | tuned
     tables = getattr(model, "features", {})
@@ -67,34 +63,34 @@ def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Confi
                  device) -> torch.Tensor:
     """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once."""
     uniq, inverse = torch.unique(items, return_inverse=True)
-    tower.train(s2.tower_dropout)  # eval mode: no dropout in the frozen base, grads still flow
-    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode_batch_size, device, grad=True,
-               bf16=s2.cpu_bf16)
+    tower.train(s2.encode.tower_dropout)  # eval: no dropout in the frozen base, grads still flow
+    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode.batch_size, device, grad=True,
+               bf16=s2.encode.cpu_bf16)
     return heads.heads[m](f)[inverse.to(f.device)]
 
 
 def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
     """KT loss Σ_m KL(p_id || p_m) of the first kt_batch_size pairs."""
-    users, pos = batch.users[:s2.kt_batch_size], batch.pos[:s2.kt_batch_size]
+    users, pos = batch.users[:s2.kt.batch_size], batch.pos[:s2.kt.batch_size]
     u, i = targets[0][users].detach(), targets[1][pos].detach()
     loss = torch.zeros((), device=device)
     for m, tower in towers.items():
         item_m = head_vectors(heads, tower, m, raw, pos, s2, device)
         loss = loss + knowledge_transfer(u, i, u, item_m)
-    return s2.kt_weight * loss
+    return s2.kt.weight * loss
 
 
 def bpr_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
     """Ablation without KT: Σ_m BPR(u · head_m(f_m(pos)), u · head_m(f_m(neg))) of the first
     kt_batch_size triples, u detached from the backbone."""
-    k = s2.kt_batch_size
+    k = s2.kt.batch_size
     users, items = batch.users[:k], torch.cat([batch.pos[:k], batch.neg[:k]])
     u = targets[0][users].detach()
     loss = torch.zeros((), device=device)
     for m, tower in towers.items():
         pos, neg = head_vectors(heads, tower, m, raw, items, s2, device).chunk(2)
         loss = loss + bpr_loss((u * pos).sum(1), (u * neg).sum(1))
-    return s2.kt_weight * loss
+    return s2.kt.weight * loss
 
 
 TUNING_LOSSES = {"kt": kt_step_loss, "bpr": bpr_step_loss}
@@ -117,7 +113,7 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
     """One epoch of (group, batch) pairs (group None when ungrouped): backbone loss on every
     batch, the tuning loss (KT or BPR) on the first `step_cap` batches; a group's batch runs its
     own members of the grouped modules, so only they get gradients."""
-    targets = group_targets(model, s2.groups)
+    targets = group_targets(model, s2.perpeft.groups)
     parts = perpeft.grouped_parts(model, heads, *towers.values())  # found once, not per batch
     total, n = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
@@ -126,11 +122,11 @@ def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_
         if group is not None:
             perpeft.set_active(parts, group)
         loss = model.loss(batch)
-        if s2.kt_weight > 0 and n <= step_cap:
-            loss = loss + TUNING_LOSSES[s2.tuning_loss](heads, towers, raw, targets[group or 0],
+        if s2.kt.weight > 0 and n <= step_cap:
+            loss = loss + TUNING_LOSSES[s2.kt.loss](heads, towers, raw, targets[group or 0],
                                                         batch, s2, device)
-        (loss / s2.grad_accumulation).backward()
-        if n % s2.grad_accumulation == 0:
+        (loss / s2.optim.grad_accumulation).backward()
+        if n % s2.optim.grad_accumulation == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         total += loss.item()

@@ -1,17 +1,15 @@
-"""bench/distill_table.py on a tiny teacher run: every variant trains a student of the asked width,
+"""bench.distill_table on a tiny teacher run: every variant trains a student of the asked width,
 the untrained SVD variant keeps its epoch count at 1, and finished runs are reused."""
 from __future__ import annotations
 
-import json
-
 import torch
 
-from tests.bench import load_bench
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
-bench = load_bench("distill_table")
+from bench import distill_table as bench
+from train.run import read_metrics
 
 
 def test_table_over_all_variants(tmp_path, capsys):
@@ -27,8 +25,8 @@ def test_table_over_all_variants(tmp_path, capsys):
     table = capsys.readouterr().out
     assert f"| lightgcn | lightgcn 16-d | teacher | 64 | {teacher['test']['recall@20']:.4f}" in table
     for variant in bench.VARIANTS:
-        metrics = json.loads((tmp_path / "out" / "lightgcn" / f"{variant}-lightgcn4" / "0" /
-                              "metrics.json").read_text())
+        metrics = read_metrics(tmp_path / "out" / "lightgcn" / f"{variant}-lightgcn4" / "0"
+                               ).model_dump()
         assert metrics["distill"]["student_dim"] == 4
         assert metrics["epochs_run"] == (1 if variant == "svd" else 2)
         assert f"| lightgcn | lightgcn 4-d | {variant} | 16 |" in table

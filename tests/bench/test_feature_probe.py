@@ -1,4 +1,4 @@
-"""bench/feature_probe.py on a tiny synthetic stage-1 run: every variant substitutes text features
+"""bench.feature_probe on a tiny synthetic stage-1 run: every variant substitutes text features
 of the right shape and retrains; the control is the stage-1 run itself."""
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import json
 import numpy as np
 import torch
 
-from tests.bench import load_bench
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
-bench = load_bench("feature_probe")
+from bench import feature_probe as bench
 
 
 def test_probe_variants(tmp_path, capsys):

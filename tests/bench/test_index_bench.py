@@ -1,11 +1,10 @@
-"""bench/index_bench.py's PerPEFT layout: G unit blocks per item, one live block per query."""
+"""bench.index_bench's PerPEFT layout: G unit blocks per item, one live block per query."""
 from __future__ import annotations
 
 import numpy as np
 
-from tests.bench import load_bench
 
-index_bench = load_bench("index_bench")
+from bench import index_bench
 
 
 def test_grouped_layout():

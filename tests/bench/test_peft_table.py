@@ -1,12 +1,11 @@
-"""bench/peft_table.py's run directories: keyed by the settings that differ from the defaults."""
+"""bench.common's stage-2 run directories: keyed by the settings that differ from the defaults."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench import load_bench
-from train.stage2 import Stage2Config
+from train.config import Stage2Config
 
-peft_table = load_bench("peft_table")
+from bench import common as peft_table
 
 
 def test_stage2_dir_ignores_settings_at_their_defaults(tmp_path):

@@ -1,10 +1,9 @@
-"""bench/sparse_data.py: a sparse copy keeps N training rows per user and every other row."""
+"""bench.sparse_data: a sparse copy keeps N training rows per user and every other row."""
 from __future__ import annotations
 
-from tests.bench import load_bench
 from train.data import load_dataset
 
-sparse_data = load_bench("sparse_data")
+from bench import sparse_data
 
 
 def _write_dataset(root, rows):

@@ -1,11 +1,10 @@
-"""bench/spawned.py: a measuring process's row, or an error row when it dies without one."""
+"""bench.spawned: a measuring process's row, or an error row when it dies without one."""
 from __future__ import annotations
 
 import os
 
-from tests.bench import load_bench
 
-spawned = load_bench("spawned")
+from bench import common as spawned
 
 
 def puts_row(queue, x):

@@ -1,12 +1,11 @@
-"""bench/stage2_throughput.py on the tiny towers: the step it times is stage 2's (PEFT attached,
+"""bench.stage2_throughput on the tiny towers: the step it times is stage 2's (PEFT attached,
 only the method's parameters train), and the Baby-epoch projection is arithmetic on that."""
 from __future__ import annotations
 
 import pytest
 
-from tests.bench import load_bench
 
-bench = load_bench("stage2_throughput")
+from bench import stage2_throughput as bench
 
 
 @pytest.mark.parametrize("modality,method", [("image", "prompt"), ("text", "lora"),

@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from export import export_run, load_run
+from export import export_run
+from train.run import BEST, load_run
 from export.bundle import cold_vectors
 from index import ann
 from index.attributes import AttributeHead, AttributesConfig, AttributesSpec
@@ -23,7 +24,8 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.features import EncodersConfig
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, run_stage2
+from train.config import Stage2Config
+from train.stage2 import run_stage2
 from train.synthetic import generate
 
 FIELDS = [{"name": "material", "pattern": r"Made of (\w+)", "kind": "category"},
@@ -187,6 +189,6 @@ def test_attribute_slots_no_training_item_carries_stay_at_zero(data_dir, tmp_pat
     run_stage1(cfg, tmp_path / "run", torch.device("cpu"))
     spec = AttributesSpec.fit(AttributesConfig(fields=FIELDS), load_dataset(data).items.texts)
     slot = spec.fields[0].vocab.index("unobtainium")
-    weight = checkpoint.load(tmp_path / "run" / "best.pt")["heads.heads.attributes.weight"]
+    weight = checkpoint.load(tmp_path / "run" / BEST)["heads.heads.attributes.weight"]
     assert torch.count_nonzero(weight[:, slot]) == 0
     assert torch.count_nonzero(weight) > 0

@@ -12,7 +12,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from export import ExportError, export_run, load_run, onnx_export
+from export import ExportError, export_run, onnx_export
+from train.run import CONFIG, load_run
 from export.__main__ import main as export_main
 from export.bundle import cold_vectors
 from export.tokenizer import PARITY_TEXTS
@@ -87,7 +88,7 @@ def rebuilt(mm_run):
 
 @pytest.fixture(scope="module")
 def towers(mm_run):
-    cfg = load_config(mm_run / "config.yaml")
+    cfg = load_config(mm_run / CONFIG)
     return {"image": build_encoder(cfg.encoders.image), "text": build_encoder(cfg.encoders.text)}
 
 
@@ -98,7 +99,7 @@ def test_bundle_manifest_follows_the_contract(fp32_bundle, mm_run):
         assert bundle.has(name), name
     assert m.version == 1 and m.metric == "ip" and not m.normalized and m.dim == 32
     assert m.counts.cold_start and m.counts.items == 80 and m.source_run == str(mm_run.resolve())
-    assert m.config_hash == load_config(mm_run / "config.yaml").config_hash()
+    assert m.config_hash == load_config(mm_run / CONFIG).config_hash()
     enc = m.encoder
     assert (enc.image_size, enc.tokenizer, enc.text_padding) == (64, "bert", "longest")
     assert enc.text_inputs == ["input_ids", "attention_mask"] and enc.context_length == 256

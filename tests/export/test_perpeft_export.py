@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from export import export_run, load_run
+from export import export_run
+from train.run import load_run
 from index import ann
 from index.bundle import ITEM_IDS, ITEMS_INDEX, USER_IDS, USERS, load_bundle
 from serve.model import ServingModel
 from tests.export.test_stage2_export import data_dir, stage1_run  # noqa: F401 (fixtures)
 from train import perpeft
 from train.data import load_dataset
-from train.stage2 import Stage2Config, run_stage2
+from train.config import Stage2Config
+from train.stage2 import run_stage2
 
 CPU = torch.device("cpu")
 CASES = {  # name -> (stage-2 settings, exporter)

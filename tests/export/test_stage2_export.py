@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 from torch import nn
 
-from export import ExportError, export_run, load_run, onnx_export, tuned
+from export import ExportError, export_run, onnx_export, tuned
+from train.run import BEST, CONFIG, STAGE1_CONFIG, STAGE2, load_run
 from export.__main__ import main as export_main
 from export.tokenizer import encode_texts
 from index import ann
@@ -29,7 +30,9 @@ from train.encoders import build_encoder
 from train.encoders.base import Tower
 from train.encoders.preprocess import PreprocessSpec, preprocess_images
 from train.stage1 import run_stage1
-from train.stage2 import STAGE1_CONFIG, Stage2Config, build_towers, run_stage2
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.stage2 import run_stage2
 from train.synthetic import generate
 
 METHODS = {"prompt": {"name": "prompt", "n_ctx": 2, "depth": 2}, "lora": {"name": "lora", "r": 4},
@@ -92,8 +95,8 @@ def exported(request, stage2_run, tmp_path_factory) -> tuple[str, Path, Path]:
 def reference(run: Path) -> tuple[dict[str, Tower], dict[str, nn.Linear]]:
     """The tuned towers and the heads rebuilt from best.pt without the exporter's code."""
     cfg = load_config(run / STAGE1_CONFIG)
-    s2 = Stage2Config.model_validate(yaml.safe_load((run / "stage2.yaml").read_text()))
-    state = checkpoint.load(run / "best.pt")
+    s2 = Stage2Config.model_validate(yaml.safe_load((run / STAGE2).read_text()))
+    state = checkpoint.load(run / BEST)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -145,7 +148,7 @@ def test_manifest_records_the_tuning(exported, stage1_run):
     assert (enc.n_ctx, enc.prompt_depth) == ((2, 2) if prompted else (0, 0))
     assert enc.tokenizer == "clip" and enc.context_length == (30 if prompted else 32)
     assert m.source_run == str(run.resolve()) and m.counts.cold_start
-    assert m.config_hash != load_config(stage1_run / "config.yaml").config_hash()
+    assert m.config_hash != load_config(stage1_run / CONFIG).config_hash()
     assert m.metrics["parity.image.max_abs"] <= 1e-4 and m.metrics["parity.text.max_abs"] <= 1e-4
     assert m.metrics["trainable_share"] > 0  # stage-2 metrics.json
 
@@ -153,7 +156,7 @@ def test_manifest_records_the_tuning(exported, stage1_run):
 def test_vectors_come_from_the_stage2_weights(exported, stage1_run, data_dir):
     method, run, bundle = exported
     rebuilt = load_run(run)
-    state, before = checkpoint.load(run / "best.pt"), checkpoint.load(stage1_run / "best.pt")
+    state, before = checkpoint.load(run / BEST), checkpoint.load(stage1_run / BEST)
     for name, value in rebuilt.model.state_dict().items():
         assert torch.equal(value, state[f"backbone.{name}"]), name
     assert not torch.equal(state["backbone.user"], before["backbone.user"])  # stage 2 trained

@@ -7,11 +7,12 @@ import grpc
 import numpy as np
 import pytest
 
+from index.events import SQLStore, open_store
 from serve.limits import Limits
 from serve.metrics import Metrics
-from serve.reload import Journal, ModelHolder, build_model
+from serve.reload import ModelHolder, build_model
 from serve.servicer import RecommenderServicer
-from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+from bench.bundle_factory import BundleSpec, write_test_bundle
 
 SMALL_LIMITS = Limits(max_image_bytes=200_000, max_image_pixels=2_000_000, max_text_chars=500,
                       max_exclude=300, max_recent=50, max_batch=8)
@@ -50,10 +51,10 @@ def metrics() -> Metrics:
     return Metrics()
 
 
-def make_holder(path: Path, metrics: Metrics, limits: Limits = SMALL_LIMITS) -> ModelHolder:
-    """A holder serving the bundle at `path`."""
-    holder = ModelHolder(Journal(limits.journal_max_items, limits.journal_max_bytes, metrics),
-                         metrics)
+def make_holder(path: Path, metrics: Metrics, limits: Limits = SMALL_LIMITS,
+                store: SQLStore | None = None) -> ModelHolder:
+    """A holder serving the bundle at `path` (over an in-memory SQLite store by default)."""
+    holder = ModelHolder(store or open_store(":memory:"), metrics)
     holder.swap(build_model(path, max_pixels=limits.max_image_pixels), path.name)
     return holder
 

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 from index.preprocess import ImageSpec, preprocess
 from serve.encoder import ItemEncoder, load_tokenizer
 from serve.errors import InvalidArgument
-from tests.serve import bundle_factory as bf
+from bench import bundle_factory as bf
 
 LONG = " ".join(bf.WORDS)  # 33 words, more than CONTEXT = 16 tokens
 

@@ -1,15 +1,16 @@
-"""Watcher, swap and journal carry-over, in-process (no gRPC)."""
+"""Watcher, swap and replay of the event store onto new bundles, in-process (no gRPC)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from index import bundle
+from index.events import open_store
 from serve.errors import Unavailable
 from serve.limits import Query
 from serve.metrics import Metrics
-from serve.reload import DELETE, UPSERT, Journal, ModelHolder, Watcher, build_model
-from tests.serve.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
+from serve.reload import ModelHolder, Watcher, build_model
+from bench.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
 
 
 @pytest.fixture
@@ -21,9 +22,9 @@ def bundles(tmp_path):
 
 @pytest.fixture
 def watched(bundles):
-    """(holder, watcher, metrics) with v1 loaded by a first check()."""
+    """(holder, watcher, metrics) with v1 loaded by a first check(), over a SQLite store."""
     metrics = Metrics()
-    holder = ModelHolder(Journal(100, 10**7, metrics), metrics)
+    holder = ModelHolder(open_store(bundles / ".state"), metrics)
     watcher = Watcher(bundles, holder, build_model, metrics, poll_seconds=60, retry_seconds=60)
     assert watcher.check() and holder.model.version == 1
     return holder, watcher, metrics
@@ -84,40 +85,62 @@ def test_upserts_are_reencoded_and_deletes_reapplied(bundles, watched):
     victim = top(holder, 10)[0]
     holder.delete(victim)
     holder.upsert(1005, b"", "blue mug", overwrite=True)  # a bundle item, overwritten online
-    assert len(holder.journal) == 3
-    write_test_bundle(bundles, BundleSpec(seed=1))  # different encoder weights
+    assert holder.store.head() == 3 and holder.model.position == 3
+    write_test_bundle(bundles, BundleSpec(seed=1))  # different encoder weights, watermark 0
     assert watcher.check()
     model = holder.model
-    assert model.version == 2 and model.n_items == 200  # +77, -victim, 1005 from the bundle
+    assert model.version == 2 and model.n_items == 200 and model.position == 3
     np.testing.assert_allclose(model.index.reconstruct(77), model.encode(image, text), atol=1e-6)
     assert top(holder, 0, 1) == [77]  # v2's user 0 is v2's encoding of the probe item
     assert not model.has_item(victim)
+    # the online overwrite is newer than a bundle that covers no event: it wins
+    np.testing.assert_allclose(model.index.reconstruct(1005), model.encode(b"", "blue mug"),
+                               atol=1e-6)
+
+
+def test_bundle_watermark_stops_the_replay_but_keeps_items_it_lacks(bundles, watched):
+    holder, watcher, metrics = watched
+    holder.upsert(77, *probe_item(), overwrite=False)
+    victim = top(holder, 10)[0]
+    holder.delete(victim)
+    holder.upsert(1005, b"", "blue mug", overwrite=True)
+    holder.record(10, np.array([1001, 1002]), np.array([5, 6]), "click")
+    write_test_bundle(bundles, BundleSpec(seed=1, event_watermark=holder.store.head()))
+    assert watcher.check()
+    model = holder.model
+    assert model.watermark == model.position == 4
+    assert model.has_item(victim)  # the bundle is authoritative for what it covers
     assert not np.allclose(model.index.reconstruct(1005), model.encode(b"", "blue mug"))
-    assert sorted(i for i, _ in holder.journal.entries()) == sorted([77, victim])
+    assert len(model.online) == 0  # interactions up to the watermark are in the bundle
+    assert model.has_item(77)  # ... but an online item the bundle lacks is never lost
+    holder.upsert(78, b"", "red mug", overwrite=False)
+    assert model.position == 5 and model.has_item(78)
 
 
-def test_upserts_dropped_when_new_bundle_has_no_encoder(bundles, watched):
+def test_upserts_skipped_when_new_bundle_has_no_encoder(bundles, watched):
     holder, watcher, metrics = watched
     holder.upsert(77, *probe_item(), overwrite=False)
     write_test_bundle(bundles, BundleSpec(seed=1, encoders=False))
     assert watcher.check() and not holder.model.has_item(77)
-    assert metrics.registry.get_sample_value("recsys_journal_dropped_total") == 1
-    assert len(holder.journal) == 0
+    assert metrics.registry.get_sample_value("recsys_store_skipped_total",
+                                             {"reason": "unencodable"}) == 1
+    assert holder.model.position == 1
 
 
-def test_journal_bounds_and_latest_operation_wins():
-    journal = Journal(max_items=2, max_bytes=100)
-    journal.record(1, UPSERT, b"x" * 10, "a")
-    journal.record(2, UPSERT, b"y" * 10, "b")
-    journal.record(1, DELETE)
-    assert [(i, e.op) for i, e in journal.entries()] == [(2, UPSERT), (1, DELETE)]
-    journal.record(3, UPSERT, b"z" * 10)
-    assert [i for i, _ in journal.entries()] == [1, 3]
-    journal.record(4, UPSERT, b"w" * 95)
-    assert [i for i, _ in journal.entries()] == [4]
-    seq = journal.last_seq()
-    journal.record(5, DELETE)
-    assert [i for i, _ in journal.entries(after=seq)] == [5]
+def test_restart_serves_exactly_what_was_acknowledged(bundles, watched):
+    holder, watcher, metrics = watched
+    holder.upsert(77, *probe_item(), overwrite=False)
+    victim = top(holder, 10)[0]
+    holder.delete(victim)
+    holder.record(20, np.array([1003, 1004, 1004]), np.array([1, 2, 3]), "")
+    expected = {u: top(holder, u, 10) for u in (0, 10, 20, 555)}
+    holder.store.close()
+    metrics2 = Metrics()
+    again = ModelHolder(open_store(bundles / ".state"), metrics2)  # a fresh process
+    assert Watcher(bundles, again, build_model, metrics2).check()
+    assert {u: top(again, u, 10) for u in expected} == expected
+    assert again.model.has_item(77) and not again.model.has_item(victim)
+    assert again.model.online.items(20).tolist() == [1003, 1004]
 
 
 def test_upsert_reencodes_if_swapped_mid_encode(bundles, watched, monkeypatch):
@@ -133,13 +156,35 @@ def test_upsert_reencodes_if_swapped_mid_encode(bundles, watched, monkeypatch):
         return vec
 
     monkeypatch.setattr(type(old), "encode", encode_then_swap)
-    replaced, model = holder.upsert(77, *probe_item(), overwrite=False)
-    assert model is new and new.has_item(77) and not old.has_item(77)
+    done = holder.upsert(77, *probe_item(), overwrite=False)
+    assert done.model is new and new.has_item(77) and not old.has_item(77)
+    assert holder.store.head() == 1
 
 
 def test_holder_without_model_is_unavailable():
-    holder = ModelHolder(Journal(10, 10))
+    holder = ModelHolder(open_store(":memory:"))
     with pytest.raises(Unavailable):
         holder.require()
     with pytest.raises(Unavailable):
         holder.delete(1)
+
+
+def test_unreadable_store_postpones_the_swap(bundles, watched, monkeypatch):
+    from index.events import StoreUnavailable
+
+    holder, watcher, metrics = watched
+    holder.upsert(77, *probe_item(), overwrite=False)
+    write_test_bundle(bundles, BundleSpec(seed=1))
+    real, builds = holder.store.head, []
+    build = watcher.build
+    watcher.build = lambda path: builds.append(path) or build(path)
+
+    def down():
+        raise StoreUnavailable("database down")
+
+    monkeypatch.setattr(holder.store, "head", down)
+    assert not watcher.check() and not watcher.check()
+    assert holder.model.version == 1 and reloads(metrics, "failure") == 0
+    monkeypatch.setattr(holder.store, "head", real)
+    assert watcher.check() and holder.model.version == 2 and holder.model.has_item(77)
+    assert len(builds) == 1  # loaded once, swapped when the store came back

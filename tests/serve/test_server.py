@@ -21,7 +21,7 @@ from index import bundle
 from serve import client as cli
 from serve.client import RecommenderClient
 from serve.server import serve
-from tests.serve.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
+from bench.bundle_factory import BundleSpec, corrupt, probe_item, write_test_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
-from serve.reload import Journal, ModelHolder
+from index.events import open_store
+from serve.reload import ModelHolder
 from serve.servicer import RecommenderServicer
-from tests.serve.bundle_factory import png, probe_item
+from bench.bundle_factory import png, probe_item
 from tests.serve.conftest import SMALL_LIMITS, Aborted, brute_force, make_holder
 
 S = grpc.StatusCode
@@ -147,7 +148,7 @@ def test_upsert_then_recommend_and_delete(servicer, holder, ctx):
 
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF4,Flat"])
 def test_delete_with_tombstones(tmp_path, metrics, ctx, factory):
-    from tests.serve.bundle_factory import BundleSpec, write_test_bundle
+    from bench.bundle_factory import BundleSpec, write_test_bundle
 
     path = write_test_bundle(tmp_path, BundleSpec(factory=factory, n_items=300))
     servicer = RecommenderServicer(make_holder(path, metrics), metrics, SMALL_LIMITS)
@@ -172,7 +173,8 @@ def test_no_encoder_is_failed_precondition(bundle_no_encoder, metrics, ctx):
 
 
 def test_no_bundle_is_unavailable(metrics, ctx):
-    servicer = RecommenderServicer(ModelHolder(Journal(10, 10**6), metrics), metrics, SMALL_LIMITS)
+    servicer = RecommenderServicer(ModelHolder(open_store(":memory:"), metrics), metrics,
+                                   SMALL_LIMITS)
     calls = [lambda: rec(servicer, ctx),
              lambda: servicer.RecommendBatch(pb.RecommendBatchRequest(
                  requests=[pb.RecommendRequest(k=1)]), ctx),

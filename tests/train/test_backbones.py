@@ -9,7 +9,7 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.evaluate import Evaluator, embedding_score_fn
 from train.sampling import NegativeSampler, epoch_batches
-from train.stage1 import backbone_inputs
+from train.modules import backbone_inputs
 
 NAMES = sorted(BACKBONES)
 
@@ -28,7 +28,7 @@ def test_shapes_and_finite_loss(name, tiny_dataset_dir):
     model, ds = _model(name, tiny_dataset_dir)
     users, items = model.embeddings()
     assert users.shape[0] == ds.n_users and items.shape[0] == ds.n_items
-    assert users.shape[1] == items.shape[1]
+    assert users.shape[1] == items.shape[1] == model.dim
     id_users, id_items = model.id_embeddings()
     assert id_users.shape == (ds.n_users, 64) and id_items.shape == (ds.n_items, 64)
     batch = next(epoch_batches(torch.from_numpy(ds.train), NegativeSampler(ds.train, ds.n_items),

@@ -14,6 +14,7 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.losses import knowledge_transfer
 from train.stage1 import run_stage1
+from train.run import BEST
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_calibration_keeps_its_best_epoch_in_best_pt(content_dir, tmp_path):
     # best.pt carries the calibrated heads: reloading reproduces the reported cold-start figure
     ds = load_dataset(content_dir)
     warm, split = hold_out_items(ds, 0.2, seed=0)
-    state = checkpoint.load(tmp_path / "best.pt")
+    state = checkpoint.load(tmp_path / BEST)
     heads = ContentHeads(cfg.heads, {m: f.shape[1] for m, f in ds.features.items()}, 64)
     heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
                            if k.startswith("heads.")})

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from export import export_run, load_run
+from export import export_run
+from train.run import BEST, METRICS, load_run
 from index.bundle import load_bundle
 from train.config import TrainConfig
 from train.distill import (DistillConfig, list_kd, low_rank_factors, main, pair_kd,
                            relative_error, run_distill, student_config)
-from train.fit import BEST
 from train.stage1 import run_stage1
 from train.synthetic import generate
 
@@ -75,7 +75,7 @@ def test_untrained_svd_student_of_full_rank_reproduces_the_teacher(tmp_path, dat
         "student": {"name": "bpr", "embedding_size": 16},
         "optim": {"learning_rate": 0.0, "batch_size": 256, "epochs": 1}})
     metrics = run_distill(teacher, dcfg, tmp_path / "student", CPU)
-    t = json.loads((teacher / "metrics.json").read_text())
+    t = json.loads((teacher / METRICS).read_text())
     for k in ("recall@20", "ndcg@20"):
         assert metrics["test"][k] == pytest.approx(t["test"][k], abs=1e-9)
     assert metrics["distill"]["svd_relative_error"] < 1e-5
@@ -143,7 +143,8 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 def test_a_stage2_teacher_is_distilled_from_its_tuned_vectors(tmp_path, data_dir):
     """The teacher's scores are the stage-2 model's (tuned features), not its stage-1 config's:
     an untrained full-width BPR student reproduces the stage-2 run's test figures exactly."""
-    from train.stage2 import Stage2Config, run_stage2
+    from train.config import Stage2Config
+    from train.stage2 import run_stage2
 
     stage1 = teacher_run(
         tmp_path, data_dir, {"name": "lightgcn_mm", "modalities": ["text"], "embedding_size": 16},
@@ -155,7 +156,7 @@ def test_a_stage2_teacher_is_distilled_from_its_tuned_vectors(tmp_path, data_dir
         "keep_start": False})
     stage2 = tmp_path / "stage2"
     s2_metrics = run_stage2(stage1, s2, stage2, CPU)
-    s1_test = json.loads((stage1 / "metrics.json").read_text())["test"]
+    s1_test = json.loads((stage1 / METRICS).read_text())["test"]
     assert s2_metrics["test"] != s1_test, "stage 2 must rank differently for this test to bite"
     dcfg = DistillConfig.model_validate({
         "student": {"name": "bpr", "embedding_size": 16},

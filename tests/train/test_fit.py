@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from train.__main__ import main, run_device
+from train.__main__ import main
+from train.run import BEST, CHECKPOINT, CONFIG, CURVES, METRICS, PLOTS, run_device
 from train.config import TrainConfig
 from train.stage1 import run_stage1
 
@@ -29,13 +30,13 @@ def _cfg(data: Path, name: str = "lightgcn", epochs: int = 6, patience: int = 20
 
 def test_run_dir_contents(tiny_dataset_dir, tmp_path):
     metrics = run_stage1(_cfg(tiny_dataset_dir), tmp_path, torch.device("cpu"))
-    for name in ("config.yaml", "metrics.json", "checkpoint.pt", "best.pt", "plots/curves.png"):
+    for name in (CONFIG, METRICS, CHECKPOINT, BEST, f"{PLOTS}/{CURVES}"):
         assert (tmp_path / name).is_file(), name
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / METRICS).read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert set(saved["test"]) >= {"recall@10", "recall@20", "ndcg@10", "ndcg@20"}
     assert isinstance(saved["best_epoch"], int) and len(saved["epoch_seconds"]) == 6
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["backbone"]["name"] == "lightgcn"
+    assert yaml.safe_load((tmp_path / CONFIG).read_text())["backbone"]["name"] == "lightgcn"
 
 
 def test_early_stopping_patience(tiny_dataset_dir, tmp_path):
@@ -65,13 +66,13 @@ def test_cli_kill_and_resume(tiny_dataset_dir, tmp_path):
     cmd = [sys.executable, "-m", "train", "--config", str(cfg), "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (tmp_path / "run" / "checkpoint.pt").exists() and time.time() < deadline:
+    while not (tmp_path / "run" / CHECKPOINT).exists() and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True).returncode == 0
-    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
-    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    ref = json.loads((tmp_path / "ref" / METRICS).read_text())
+    got = json.loads((tmp_path / "run" / METRICS).read_text())
     assert (got["test"], got["best_epoch"]) == (ref["test"], ref["best_epoch"])
 
 

@@ -13,7 +13,8 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.graph import bipartite_edge_weights
 from train.sampling import NegativeSampler, epoch_batches
-from train.stage1 import backbone_inputs, run_stage1
+from train.modules import backbone_inputs
+from train.stage1 import run_stage1
 
 NAMES = sorted(MULTIMODAL)
 

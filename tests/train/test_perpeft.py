@@ -14,9 +14,12 @@ from train.config import load_config
 from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import Batch
-from train.stage1 import backbone_inputs
-from train.stage2 import Stage2Config, build_towers, run_stage2
+from train.modules import backbone_inputs
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.stage2 import run_stage2
 from tests.train.test_stage2 import _stage1
+from train.run import BEST, CHECKPOINT, CONFIG, METRICS
 
 PROMPTS = {"name": "prompt", "n_ctx": 2, "depth": 2}
 
@@ -25,6 +28,11 @@ PROMPTS = {"name": "prompt", "n_ctx": 2, "depth": 2}
 def stage1_run(tmp_path_factory):
     return _stage1(tmp_path_factory.mktemp("perpeft"), heads=True)
 
+
+
+def _with(s2: Stage2Config, **flat) -> Stage2Config:
+    """s2 with some settings changed, given by their flat stage-2 keys."""
+    return Stage2Config.model_validate(s2.model_dump() | flat)
 
 def test_cluster_users_finds_separated_groups():
     rng = np.random.default_rng(0)
@@ -42,7 +50,7 @@ def test_cluster_users_finds_separated_groups():
 
 
 def test_shared_copy_shares_frozen_weights_only(stage1_run):
-    cfg = load_config(stage1_run / "config.yaml")
+    cfg = load_config(stage1_run / CONFIG)
     tower = build_towers(cfg.encoders, Stage2Config(method=PROMPTS, modalities=["text"]))["text"]
     grouped = perpeft.GroupedTower.copies(tower, 3)
     first, second = (dict(m.named_parameters()) for m in grouped.members[:2])
@@ -70,7 +78,7 @@ def test_shared_copy_shares_frozen_weights_only(stage1_run):
 
 
 def _grouped_model(stage1_run, groups=3):
-    cfg = load_config(stage1_run / "config.yaml")
+    cfg = load_config(stage1_run / CONFIG)
     dataset = load_dataset(cfg.data.path)
     inputs = backbone_inputs(dataset, torch.device("cpu"))
     inputs.features = {m: torch.randn(dataset.n_items, 8, generator=torch.Generator().manual_seed(1))
@@ -153,7 +161,7 @@ def test_perpeft_run_starts_exactly_at_stage1_and_tunes_groups_apart(stage1_run,
                                          "kt_steps_per_epoch": 1, "epochs": 1,
                                          "learning_rate": 0.0})
     metrics = run_stage2(stage1_run, still, tmp_path / "still", torch.device("cpu"))
-    stage1 = json.loads((stage1_run / "metrics.json").read_text())
+    stage1 = json.loads((stage1_run / METRICS).read_text())
     assert metrics["start_valid"] == pytest.approx(stage1["valid"], abs=1e-6)
     assert metrics["best_epoch"] == -1 and metrics["test"] == pytest.approx(stage1["test"], abs=1e-6)
     assert metrics["groups"] == 3 and sum(metrics["group_sizes"]) == 60
@@ -161,7 +169,7 @@ def test_perpeft_run_starts_exactly_at_stage1_and_tunes_groups_apart(stage1_run,
     s2 = Stage2Config.model_validate({"method": PROMPTS, "groups": 3, "kt_batch_size": 16,
                                       "kt_steps_per_epoch": 6, "epochs": 1, "keep_start": False})
     metrics = run_stage2(stage1_run, s2, tmp_path / "tuned", torch.device("cpu"))
-    state = checkpoint.load(tmp_path / "tuned" / "best.pt")
+    state = checkpoint.load(tmp_path / "tuned" / BEST)
     prompts = [state[f"towers.image.members.{g}.token_hook.prompts"] for g in range(3)]
     assert not torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[1], prompts[2])
     heads = [state[f"heads.heads.text.members.{g}.weight"] for g in range(3)]
@@ -169,7 +177,7 @@ def test_perpeft_run_starts_exactly_at_stage1_and_tunes_groups_apart(stage1_run,
     assert torch.equal(state["backbone.groups"].bincount(minlength=3),
                        torch.tensor(metrics["group_sizes"]))
     # trainable share counts the shared frozen base once and every group's prompts
-    one = run_stage2(stage1_run, s2.model_copy(update={"groups": 1}), tmp_path / "one",
+    one = run_stage2(stage1_run, _with(s2, groups=1), tmp_path / "one",
                      torch.device("cpu"))
     assert metrics["trainable_encoder_params"] == 3 * one["trainable_encoder_params"]
     assert metrics["encoder_params"] == one["encoder_params"] + 2 * one["trainable_encoder_params"]
@@ -201,7 +209,7 @@ def test_grouped_heads_fuse_blockwise():
 def test_backbone_moments_restored_grouped_heads_start_fresh(stage1_run, tmp_path, monkeypatch):
     from train import stage2
 
-    saved = checkpoint.load(stage1_run / "checkpoint.pt")["optimizer"]["state"]
+    saved = checkpoint.load(stage1_run / CHECKPOINT)["optimizer"]["state"]
     seen = {}
 
     def spy(optimizer, modules, run, had_heads):
@@ -232,13 +240,13 @@ def test_groups_start_from_a_global_tuning(stage1_run, tmp_path):
                                                       "init_from": str(tmp_path / "global")})
     metrics = run_stage2(stage1_run, grouped, tmp_path / "pp", torch.device("cpu"))
     assert metrics["start_valid"] == pytest.approx(glob["valid"], abs=1e-6)
-    state, start = (checkpoint.load(tmp_path / d / "best.pt") for d in ("pp", "global"))
+    state, start = (checkpoint.load(tmp_path / d / BEST) for d in ("pp", "global"))
     assert torch.equal(state["towers.text.members.1.token_hook.prompts"],
                        start["towers.text.token_hook.prompts"])
     with pytest.raises(ValueError, match="this run tunes lora"):
-        run_stage2(stage1_run, grouped.model_copy(update={"method": Stage2Config.model_validate(
-            {"method": {"name": "lora"}}).method, "init_from": tmp_path / "global"}),
+        run_stage2(stage1_run, _with(grouped, method={"name": "lora"},
+                                          init_from=tmp_path / "global"),
             tmp_path / "bad", torch.device("cpu"))
     with pytest.raises(ValueError, match="2 groups"):
-        run_stage2(stage1_run, grouped.model_copy(update={"init_from": tmp_path / "pp"}),
+        run_stage2(stage1_run, _with(grouped, init_from=tmp_path / "pp"),
                    tmp_path / "bad2", torch.device("cpu"))

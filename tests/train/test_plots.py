@@ -9,8 +9,10 @@ from train import checkpoint
 from train.config import TrainConfig
 from train.plots import main, plot_tsne_kde, stage2_feature_sets, tsne_2d
 from train.stage1 import run_stage1
-from train.stage2 import Stage2Config, run_stage2
+from train.config import Stage2Config
+from train.stage2 import run_stage2
 from train.synthetic import generate
+from train.run import BEST
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +48,9 @@ def test_reencoding_matches_the_stored_table(stage2_run, tmp_path):
 
     copy = tmp_path / "run"
     shutil.copytree(stage2_run, copy)
-    state = checkpoint.load(copy / "best.pt")
+    state = checkpoint.load(copy / BEST)
     stored = state.pop("backbone.features.text").numpy()
-    checkpoint.save_atomic(state, copy / "best.pt")
+    checkpoint.save_atomic(state, copy / BEST)
     np.testing.assert_allclose(stage2_feature_sets(copy)["text"][1], stored, atol=1e-4)
 
 
@@ -68,9 +70,9 @@ def test_perpeft_run_has_a_feature_set_per_group(stage2_run, tmp_path):
     assert before.shape == first.shape and not np.allclose(first, second)
     copy = tmp_path / "pp_copy"
     shutil.copytree(tmp_path / "pp", copy)
-    state = checkpoint.load(copy / "best.pt")
+    state = checkpoint.load(copy / BEST)
     del state["backbone.tables.0.text"]
-    checkpoint.save_atomic(state, copy / "best.pt")
+    checkpoint.save_atomic(state, copy / BEST)
     reencoded = stage2_feature_sets(copy)
     for name, (_, after) in sets.items():
         np.testing.assert_allclose(reencoded[name][1], after, atol=1e-4)

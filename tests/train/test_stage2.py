@@ -13,10 +13,12 @@ from train.data import load_dataset
 from train.heads import ContentHeads, HeadsConfig
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import run_stage1
-from train.stage2 import (Stage2Config, below_start, build_towers, main, param_groups,
-                          run_stage2)
+from train.config import Stage2Config
+from train.modules import build_towers
+from train.stage2 import below_start, main, param_groups, run_stage2
 from train.synthetic import generate
 from train.tuning import TUNING_LOSSES, encode
+from train.run import BEST, CHECKPOINT, CONFIG, METRICS
 
 
 def _stage1(root, heads: bool):
@@ -46,7 +48,7 @@ def test_stage2_methods(stage1_run, tmp_path, method):
     metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
     assert {"valid", "test", "cold_start", "best_epoch", "trainable_share"} <= set(metrics)
     assert 0 < metrics["trainable_encoder_params"] < metrics["encoder_params"]
-    state = checkpoint.load(tmp_path / "best.pt")
+    state = checkpoint.load(tmp_path / BEST)
     tuned = [k for k in state if k.startswith("towers.") and
              any(s in k for s in ("prompts", "lora_", "ia3_"))]
     assert tuned, "the method's parameters are saved with the best weights"
@@ -56,9 +58,9 @@ def test_prompts_move_under_kt(stage1_run, tmp_path):
     s2 = Stage2Config.model_validate({"method": {"name": "prompt", "n_ctx": 2, "depth": 2},
                                       "kt_batch_size": 16, "kt_steps_per_epoch": 3, "epochs": 1,
                                       "keep_start": False})
-    start = build_towers(load_config(stage1_run / "config.yaml").encoders, s2)
+    start = build_towers(load_config(stage1_run / CONFIG).encoders, s2)
     run_stage2(stage1_run, s2, tmp_path / "a", torch.device("cpu"))
-    state = checkpoint.load(tmp_path / "a" / "best.pt")
+    state = checkpoint.load(tmp_path / "a" / BEST)
     prompts = {k: v for k, v in state.items() if k.endswith("prompts")}
     initial = {f"towers.{m}.{k}": v for m, t in start.items()
                for k, v in t.state_dict().items() if k.endswith("prompts")}
@@ -73,11 +75,11 @@ def test_start_state_reproduces_stage1_and_is_kept(stage1_run, tmp_path):
                                       "kt_steps_per_epoch": 1, "epochs": 2, "patience": 5,
                                       "learning_rate": 0.0})
     metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
-    stage1 = json.loads((stage1_run / "metrics.json").read_text())
+    stage1 = json.loads((stage1_run / METRICS).read_text())
     assert metrics["start_valid"] == pytest.approx(stage1["valid"], abs=1e-6)
     assert metrics["best_epoch"] == -1 and metrics["epochs_run"] == 2
     assert metrics["test"] == pytest.approx(stage1["test"], abs=1e-6)
-    assert (tmp_path / "best.pt").exists()
+    assert (tmp_path / BEST).exists()
 
 
 def test_start_state_without_heads_is_not_kept(tmp_path):
@@ -111,7 +113,7 @@ def test_cli_and_missing_encoders(stage1_run, tmp_path, capsys):
 
 def _tuning_setup(stage1_run, s2: Stage2Config):
     """Towers, heads, raw items, detached targets and one batch of a stage-1 run."""
-    cfg = load_config(stage1_run / "config.yaml")
+    cfg = load_config(stage1_run / CONFIG)
     dataset = load_dataset(cfg.data.path)
     towers = build_towers(cfg.encoders, s2)
     heads = ContentHeads(HeadsConfig(modalities=s2.modalities),
@@ -158,7 +160,7 @@ def test_two_stages_without_kt_run(stage1_run, tmp_path):
         s2 = Stage2Config.model_validate(base | {"kt_weight": weight})
         metrics = run_stage2(stage1_run, s2, tmp_path / name, torch.device("cpu"))
         assert metrics["tuning_loss"] == "bpr" and len(metrics["valid_curve"]) == 2
-        state = checkpoint.load(tmp_path / name / "best.pt")
+        state = checkpoint.load(tmp_path / name / BEST)
         prompts[name] = [v for k, v in sorted(state.items()) if k.endswith("prompts")]
     assert prompts["bpr"] and len(prompts["bpr"]) == len(prompts["off"])
     # same seed, same initial prompts: only the BPR tuning loss moves them
@@ -173,7 +175,7 @@ def test_cpu_budget_options(stage1_run, tmp_path):
                                       "learning_rate": 1e-3, "tuning_learning_rate": 1e-2})
     metrics = run_stage2(stage1_run, s2, tmp_path, torch.device("cpu"))
     assert metrics["epochs_run"] == 1 and metrics["trainable_encoder_params"] > 0
-    towers = torch.nn.ModuleDict(build_towers(load_config(stage1_run / "config.yaml").encoders, s2))
+    towers = torch.nn.ModuleDict(build_towers(load_config(stage1_run / CONFIG).encoders, s2))
     heads = ContentHeads(HeadsConfig(modalities=["text"]), {"text": towers["text"].out_dim}, 4)
     modules = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "heads": heads,
                                    "towers": towers})
@@ -188,7 +190,7 @@ def test_stage1_adam_moments_are_restored(stage1_run, tmp_path, monkeypatch):
     """The backbone and heads continue from stage 1's Adam moments, matched by parameter name."""
     from train import stage2
 
-    saved = checkpoint.load(stage1_run / "checkpoint.pt")["optimizer"]["state"]
+    saved = checkpoint.load(stage1_run / CHECKPOINT)["optimizer"]["state"]
     checked = []
 
     def spy(optimizer, modules, run, had_heads):
@@ -240,7 +242,7 @@ def test_lora_dropout_needs_tower_dropout():
     with pytest.raises(ValueError, match="tower_dropout"):
         Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1}})
     assert Stage2Config.model_validate({"method": {"name": "lora", "dropout": 0.1},
-                                        "tower_dropout": True}).tower_dropout
+                                        "tower_dropout": True}).encode.tower_dropout
 
 
 def test_heads_are_calibrated_again_after_stage2(tmp_path):
@@ -265,7 +267,7 @@ def test_heads_are_calibrated_again_after_stage2(tmp_path):
         settings | {"recalibrate": False}), tmp_path / "b", torch.device("cpu"))
     assert again["heads_calibration"]["withheld_items"] > 0 and "heads_calibration" not in as_tuned
     assert again["test"] == as_tuned["test"]  # the backbone is the same best state
-    heads = [checkpoint.load(tmp_path / d / "best.pt")["heads.heads.text.weight"] for d in "ab"]
+    heads = [checkpoint.load(tmp_path / d / BEST)["heads.heads.text.weight"] for d in "ab"]
     assert not torch.equal(*heads)
     assert again["cold_start"]["heads"] != as_tuned["cold_start"]["heads"]
 

@@ -23,6 +23,11 @@ class BackboneInputs:
 class Backbone(nn.Module):
     """Scores are dot products of user and item embeddings, so every backbone exports to an index."""
 
+    @property
+    def dim(self) -> int:
+        """Width d of the user and item vectors that `embeddings()` returns."""
+        return self.cfg.embedding_size
+
     def loss(self, batch: Batch) -> torch.Tensor:
         """Training loss of one batch."""
         raise NotImplementedError

@@ -19,7 +19,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from train.backbones.base import Backbone, BackboneInputs
 from train.backbones.fused import ModalConfig, init_ids_and_content

@@ -38,6 +38,11 @@ class VBPR(Backbone):
         self.i_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.n_items, d)))
         self.item_linear = xavier_linear(sum(f.shape[1] for f in self.features.values()), d)
 
+    @property
+    def dim(self) -> int:
+        """cat(γ, content): twice the embedding size."""
+        return 2 * self.cfg.embedding_size
+
     def _items(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Item vectors cat(γ_i, E f_i) (n, 2d) of `items`, or of every item when None."""
         if items is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class BundleSpec:
     items: np.ndarray | None = field(default=None, repr=False)  # (n_items, dim) override
     users: np.ndarray | None = field(default=None, repr=False)  # (n_users, dim) override
     search_params: dict = field(default_factory=dict)           # ef_search= / nprobe=
+    event_watermark: int = 0                                    # last store event it covers
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -188,7 +190,7 @@ def write_test_bundle(bundles_dir: Path, spec: BundleSpec | None = None,
                         counts=Counts(users=spec.n_users, items=spec.n_items,
                                       cold_start=spec.encoders),
                         encoder=encoder_spec() if spec.encoders else None,
-                        metrics={"recall@20": 0.1})
+                        metrics={"recall@20": 0.1}, event_watermark=spec.event_watermark)
     path = bundle.write_bundle(bundles_dir, write, manifest)
     if publish:
         bundle.publish(bundles_dir, path.name)
@@ -206,3 +208,28 @@ def corrupt(path: Path, name: str = bundle.USERS) -> None:
 def preprocess_dict() -> dict:
     """preprocess.json contents as a dict."""
     return json.loads(ImageSpec(size=(IMAGE_SIZE, IMAGE_SIZE), mean=MEAN, std=STD).model_dump_json())
+
+
+def clustered(n: int, dim: int, seed: int, centres: int = 2000, noise: float = 0.35) -> np.ndarray:
+    """Unit vectors around fixed Gaussian centres (SERVING.md §2.4's regime)."""
+    c = np.random.default_rng(12345).standard_normal((centres, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 200_000):
+        m = min(200_000, n - start)
+        block = c[rng.integers(0, centres, m)] + noise * rng.standard_normal((m, dim), np.float32)
+        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def republish(root: Path, source: Path) -> int:
+    """Publish a new version whose files are hard links to `source`'s; returns its number."""
+    manifest = Manifest.model_validate_json((source / bundle.MANIFEST).read_text())
+
+    def link(tmp: Path) -> None:
+        for name in manifest.files:
+            os.link(source / name, tmp / name)
+
+    path = bundle.write_bundle(root, link, manifest.model_copy(update={"files": {}}))
+    bundle.publish(root, path.name, verify=False)
+    return int(path.name[1:])

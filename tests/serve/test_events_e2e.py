@@ -1,0 +1,86 @@
+"""Real server processes on one event store: replication between --reuse-port processes on
+PostgreSQL, and a SIGKILL + restart that serves exactly what was acknowledged (SQLite)."""
+from __future__ import annotations
+
+import signal
+import time
+
+from bench.pgcluster import free_port
+from bench.bundle_factory import BundleSpec, probe_item, write_test_bundle
+from bench.procs import client, start_server, stop, wait_serving
+
+POLL = 0.2
+
+
+def _one_client_per_process(port: int, n: int = 2, tries: int = 64) -> list:
+    """Clients whose connections landed on n different processes (told apart by loaded_at)."""
+    found = {}
+    for _ in range(tries):
+        c = client(port, own_connection=True)
+        key = c.info().loaded_at
+        if key in found:
+            c.close()
+        else:
+            found[key] = c
+        if len(found) == n:
+            return list(found.values())
+    raise AssertionError(f"connections reached only {len(found)} of {n} processes")
+
+
+def test_reuse_port_processes_share_writes_through_postgresql(tmp_path, pg_cluster):
+    write_test_bundle(tmp_path, BundleSpec())
+    url, port = pg_cluster.new_store_url(), free_port()
+    options = ("--store", url, "--poll-seconds", str(POLL), "--reuse-port")
+    procs = [start_server(tmp_path, *options, port=port)[0] for _ in range(2)]
+    try:
+        for proc in procs:
+            wait_serving(client(port), proc)
+        time.sleep(0.5)  # both loaded: each connection lands on a SERVING process
+        a, b = _one_client_per_process(port)
+        assert b.recommend(0, 1).items[0].item_id != 77
+        written = a.upsert(77, *probe_item())
+        start = time.monotonic()
+        while b.recommend(0, 1).items[0].item_id != 77:
+            assert time.monotonic() - start < POLL + 5, "b never applied a's upsert"
+            time.sleep(0.02)
+        assert b.info().store_position >= written.event_id
+        a.record(0, [77], kind="click")
+        while 77 in [it.item_id for it in b.recommend(0, 5).items]:
+            assert time.monotonic() - start < POLL + 10, "b never applied a's interactions"
+            time.sleep(0.02)
+        assert b.recommend(0, 5).recent_items_used == 1
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def test_sigkill_and_restart_serve_exactly_what_was_acknowledged(tmp_path):
+    write_test_bundle(tmp_path, BundleSpec())
+    proc, port, _ = start_server(tmp_path, "--poll-seconds", str(POLL))
+    try:
+        c = client(port)
+        wait_serving(c, proc)
+        c.upsert(77, *probe_item())
+        c.upsert(78, b"", "blue striped mug", request_id="u-78")
+        victim = c.recommend(10, 1).items[0].item_id
+        c.delete(victim)
+        c.record(20, [1001, 1002, 78], kind="click")
+        c.record(555, [1003])  # a user the bundle does not know
+        users = (0, 10, 20, 555)
+        before = {u: [(i.item_id, round(i.score, 4)) for i in c.recommend(u, 10).items]
+                  for u in users}
+        info = c.info()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc, port, _ = start_server(tmp_path, "--poll-seconds", str(POLL))
+        c = client(port)
+        wait_serving(c, proc)
+        after = {u: [(i.item_id, round(i.score, 4)) for i in c.recommend(u, 10).items]
+                 for u in users}
+        assert after == before
+        again = c.info()
+        assert (again.store_position, again.index_items, again.online_interactions) == (
+            info.store_position, info.index_items, 4)
+        assert c.upsert(78, b"", "blue striped mug", request_id="u-78").duplicate
+    finally:
+        stop(proc)
