@@ -9,7 +9,7 @@
     python -m serve.client health        # exit 0 when SERVING, 1 otherwise (Docker HEALTHCHECK)
 
 Every command takes `--target HOST:PORT` (default 127.0.0.1:50051), `--timeout SECONDS` and
-`--tls-ca PEM` (TLS with that root certificate). Results print as JSON; an RPC error prints its
+`--tls-ca PEM` (TLS with that root certificate), before or after the command name. Results print as JSON; an RPC error prints its
 status code and message and exits 2.
 """
 from __future__ import annotations
@@ -114,25 +114,27 @@ def request(user_id: int, k: int = 10, exclude: Iterable[int] = (), exclude_seen
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m serve.client", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--tls-ca", type=Path, help="PEM root certificate: use TLS")
+    _global_options(p, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("recommend", help="top-k items for a user")
+    for name in ("recommend", "encode", "upsert", "delete", "record", "info", "health"):
+        sub.add_parser(name, parents=[common], help=_HELP[name])
+    rec = sub.choices["recommend"]
     rec.add_argument("--user", type=int, required=True)
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--exclude", type=int, nargs="*", default=[])
     rec.add_argument("--recent", type=int, nargs="*", default=[])
     rec.add_argument("--include-seen", action="store_true", help="do not drop training items")
     for name in ("encode", "upsert"):
-        cmd = sub.add_parser(name, help=f"{name} an item from an image and/or text")
+        cmd = sub.choices[name]
         if name == "upsert":
             cmd.add_argument("--item", type=int, required=True)
             cmd.add_argument("--overwrite", action="store_true")
         cmd.add_argument("--image", type=Path, help="image file")
         cmd.add_argument("--text", default="")
-    sub.add_parser("delete", help="remove an item").add_argument("--item", type=int, required=True)
-    fb = sub.add_parser("record", help="record a user's interactions with items")
+    sub.choices["delete"].add_argument("--item", type=int, required=True)
+    fb = sub.choices["record"]
     fb.add_argument("--user", type=int, required=True)
     fb.add_argument("--items", type=int, nargs="+", required=True)
     fb.add_argument("--timestamps", type=int, nargs="*", default=[],
@@ -140,9 +142,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fb.add_argument("--kind", default="", help='e.g. "click" (default "interaction")')
     for cmd in (sub.choices["upsert"], sub.choices["delete"], fb):
         cmd.add_argument("--request-id", default="", help="client id that makes a retry safe")
-    sub.add_parser("info", help="bundle summary")
-    sub.add_parser("health", help="exit 0 if SERVING").add_argument("--service", default="")
+    sub.choices["health"].add_argument("--service", default="")
     return p.parse_args(argv)
+
+
+_HELP = {"recommend": "top-k items for a user", "encode": "encode an item from an image and/or "
+         "text", "upsert": "upsert an item from an image and/or text", "delete": "remove an item",
+         "record": "record a user's interactions with items", "info": "bundle summary",
+         "health": "exit 0 if SERVING"}
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection options, accepted before or after the subcommand (after it wins); the
+    subcommand's copies default to SUPPRESS so they never overwrite the main parser's values."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--target", default=default("127.0.0.1:50051"), help="HOST:PORT of the server")
+    p.add_argument("--timeout", type=float, default=default(5.0), help="per-call deadline (s)")
+    p.add_argument("--tls-ca", type=Path, default=default(None), help="PEM root certificate: TLS")
 
 
 def run(client: RecommenderClient, args: argparse.Namespace):

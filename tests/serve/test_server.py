@@ -130,6 +130,14 @@ def test_client_cli(running, tmp_path, capsys):
     assert cli.main(target + ["delete", "--item", "77"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
     assert cli.main(target + ["info"]) == 0
+    assert cli.main(["health"] + target) == 0  # global options after the subcommand too
+
+
+def test_client_cli_global_options_anywhere():
+    before = cli.parse_args(["--target", "h:1", "--timeout", "2", "recommend", "--user", "3"])
+    after = cli.parse_args(["recommend", "--user", "3", "--target", "h:1", "--timeout", "2"])
+    assert before == after and before.target == "h:1" and before.timeout == 2.0
+    assert cli.parse_args(["health"]).target == "127.0.0.1:50051"
 
 
 def test_main_stops_on_sigterm(tmp_path):
