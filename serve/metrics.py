@@ -3,7 +3,7 @@
 Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, base units,
 `_total` counters, no per-user labels.
 - `recsys_request_duration_seconds{method,code}` histogram and `recsys_requests_total{method,code}`
-  per RPC and gRPC status code name;
+  per RPC and gRPC status code name (calls refused before a handler too: serve.guard);
 - `recsys_index_items` live items, `recsys_model_version` and `recsys_build_info{model_version,
   backbone,faiss_factory} 1` of the bundle being served;
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
 from serve.online import FoldIn, Poller
@@ -131,9 +132,15 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def max_message_bytes(limits: Limits) -> int:
+    """Largest request message answered (and counted) by the Gate: the image limit + 1 MiB."""
+    return limits.max_image_bytes + MIB
+
+
 def _grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
-    """Channel options: message sizes leave room for the largest allowed image."""
-    return [("grpc.max_receive_message_length", cfg.limits.max_image_bytes + MIB),
+    """Channel options: gRPC's transport cuts messages at twice the Gate's limit (those, cut
+    before any Python code runs, are the only refusals not counted)."""
+    return [("grpc.max_receive_message_length", 2 * max_message_bytes(cfg.limits)),
             ("grpc.max_send_message_length", 64 * MIB),
             ("grpc.so_reuseport", int(cfg.reuse_port))]
 
@@ -168,8 +175,10 @@ def start(cfg: ServerConfig) -> RunningServer:
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
     holder = ModelHolder(open_event_store(cfg), metrics)
-    server = grpc.server(futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="rpc"),
-                         options=_grpc_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+    pool = CountingPool(cfg.workers)
+    gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
+                SERVICE_NAME)
+    server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
                                               server)
     health_servicer = _health()
