@@ -9,13 +9,16 @@
     python -m serve.client health        # exit 0 when SERVING, 1 otherwise (Docker HEALTHCHECK)
 
 Every command takes `--target HOST:PORT` (default 127.0.0.1:50051), `--timeout SECONDS` and
-`--tls-ca PEM` (TLS with that root certificate), before or after the command name. Results print as JSON; an RPC error prints its
+`--tls-ca PEM` (TLS with that root certificate; `--tls-cert`/`--tls-key` for mutual TLS) and
+`--api-key-file FILE` (else the key in $PTMREC_API_KEY, never on the command line), before or
+after the command name. Results print as JSON; an RPC error prints its
 status code and message and exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,20 +32,27 @@ from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_MESSAGE = 64 * 1024 * 1024
+KEY_ENV = "PTMREC_API_KEY"
 
 
 class RecommenderClient:
     """Blocking client with a per-call deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 5.0,
-                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = ()):
+                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = (),
+                 api_key: str | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None):
         options = [("grpc.max_send_message_length", MAX_MESSAGE),
                    ("grpc.max_receive_message_length", MAX_MESSAGE), *options]
         if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            pair = ((Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
+                    if tls_cert is not None else (None, None))
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), *pair)
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
+        if api_key:
+            self.channel = grpc.intercept_channel(self.channel, _BearerKey(api_key))
         self.timeout = timeout
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -104,6 +114,26 @@ class RecommenderClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call."""
+
+    def __init__(self, key: str):
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
 def request(user_id: int, k: int = 10, exclude: Iterable[int] = (), exclude_seen: bool = True,
             recent: Iterable[int] = ()) -> pb.RecommendRequest:
     """A RecommendRequest."""
@@ -161,6 +191,11 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--target", default=default("127.0.0.1:50051"), help="HOST:PORT of the server")
     p.add_argument("--timeout", type=float, default=default(5.0), help="per-call deadline (s)")
     p.add_argument("--tls-ca", type=Path, default=default(None), help="PEM root certificate: TLS")
+    p.add_argument("--tls-cert", type=Path, default=default(None),
+                   help="PEM client certificate (mutual TLS, with --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", type=Path, default=default(None), help="PEM client key")
+    p.add_argument("--api-key-file", type=Path, default=default(None),
+                   help=f"file holding the API key (default: ${KEY_ENV} if set)")
 
 
 def run(client: RecommenderClient, args: argparse.Namespace):
@@ -184,7 +219,10 @@ def run(client: RecommenderClient, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
-    with RecommenderClient(args.target, args.timeout, args.tls_ca) as client:
+    key = (args.api_key_file.read_text(encoding="utf-8").strip() if args.api_key_file
+           else os.environ.get(KEY_ENV))
+    with RecommenderClient(args.target, args.timeout, args.tls_ca, api_key=key,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         try:
             result = run(client, args)
         except grpc.RpcError as err:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
 from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
@@ -75,6 +76,7 @@ class ServerConfig(BaseModel):
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     fold_in: FoldIn = Field(default_factory=FoldIn)
 
     def store_url(self) -> str:
@@ -150,14 +152,30 @@ def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
     address = f"{cfg.host}:{cfg.port}"
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = cfg.auth.tls_client_ca
+    if client_ca is not None and cfg.tls_cert is None:
+        raise RuntimeError("--tls-client-ca needs --tls-cert and --tls-key")
     if cfg.tls_cert is not None:
-        creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+        creds = grpc.ssl_server_credentials(
+            [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+            root_certificates=client_ca.read_bytes() if client_ca else None,
+            require_client_auth=client_ca is not None)
         port = server.add_secure_port(address, creds)
     else:
         port = server.add_insecure_port(address)
     if not port:
         raise RuntimeError(f"could not bind {address}")
     return port
+
+
+def _authenticator(cfg: AuthConfig) -> Authenticator | None:
+    """The API-key check, or None when no keys are configured; a bad key file stops the start."""
+    if not cfg.has_keys():
+        return None
+    try:
+        return Authenticator(cfg)
+    except KeyFileError as err:
+        raise RuntimeError(str(err)) from err
 
 
 def _health() -> health.HealthServicer:
@@ -172,12 +190,14 @@ def _health() -> health.HealthServicer:
 def start(cfg: ServerConfig) -> RunningServer:
     """Start the gRPC server, metrics endpoint, watcher and event poller; returns at once (not
     yet SERVING)."""
+    check_exposure(cfg.auth, cfg.host, None if cfg.metrics_port is None else cfg.metrics_host)
+    auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
     holder = ModelHolder(open_event_store(cfg), metrics)
     pool = CountingPool(cfg.workers)
     gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
-                SERVICE_NAME)
+                SERVICE_NAME, auth)
     server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
                                               server)
@@ -186,8 +206,9 @@ def start(cfg: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg)
+    allow = None if auth is None else (lambda key: auth.allowed_role(key) is not None)
     metrics_port = (None if cfg.metrics_port is None
-                    else metrics.start_http(cfg.metrics_host, cfg.metrics_port))
+                    else metrics.start_http(cfg.metrics_host, cfg.metrics_port, allow))
 
     def build(path: Path):
         return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
@@ -200,8 +221,9 @@ def start(cfg: ServerConfig) -> RunningServer:
     server.start()
     watcher.start()
     poller.start()
-    log.info("gRPC on %s:%d (%s), bundles from %s, event store %s", cfg.host, port,
-             "TLS" if cfg.tls_cert else "plaintext", cfg.bundles, holder.store.display)
+    log.info("gRPC on %s:%d (%s, %s), bundles from %s, event store %s", cfg.host, port,
+             "mutual TLS" if cfg.auth.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+             "API keys" if auth else "anonymous", cfg.bundles, holder.store.display)
     return running
 
 
