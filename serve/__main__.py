@@ -3,7 +3,7 @@
     python -m serve --bundles bundles/ [--state DIR | --store postgresql://...] [--host 127.0.0.1]
                     [--port 50051] [--metrics-port 9100] [--tls-cert cert.pem --tls-key key.pem]
                     [--api-keys keys.txt | --tls-client-ca ca.pem | --insecure-allow-anonymous]
-                    [--poll-seconds 2] [--workers 8]
+                    [--poll-seconds 2] [--workers 8] [--drain-seconds 2] [--grace-seconds 5]
 
 API keys come from --api-keys FILE and/or the PTMREC_API_KEYS environment variable, never from
 the command line (serve.auth).
@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wait before retrying a bundle that failed to load")
     p.add_argument("--workers", type=int, default=8, help="RPC thread pool size")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256)
-    p.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on shutdown")
+    p.add_argument("--drain-seconds", type=float, default=2.0, help="after SIGTERM: health "
+                   "NOT_SERVING at once, calls still answered this long (balancers move away)")
+    p.add_argument("--grace-seconds", type=float, default=5.0,
+                   help="then: new calls refused, in-flight calls get this long to finish")
     p.add_argument("--reuse-port", action="store_true",
                    help="let several server processes listen on the same port (SO_REUSEPORT)")
     p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per search")
@@ -93,6 +96,7 @@ def config_from_args(args: argparse.Namespace):
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
+        drain_seconds=args.drain_seconds,
         reuse_port=args.reuse_port, auth=auth_from_args(args),
         faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
 
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         logging.getLogger("serve").info("received %s, shutting down",
                                         signal.Signals(signum).name)
+        if stop.is_set():
+            running.cut_drain()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", metrics on {args.metrics_host}:{running.metrics_port}"
              if running.metrics_port is not None else ""), flush=True)
     stop.wait()
-    running.stop()
+    running.stop(drain=args.drain_seconds)
     return 0
 
 

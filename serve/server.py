@@ -10,8 +10,10 @@ torch nor `train/`.
 Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for "" and
 "ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. The watcher thread loads the bundle that
 `bundles/CURRENT` names (sha256-verified, smoke-queried) and only then flips health to SERVING. On
-stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING, the watcher stops, and
-`server.stop(grace)` lets in-flight RPCs finish.
+stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING at once, calls keep being answered for
+`drain_seconds` (so load balancers see NOT_SERVING and move traffic away; a second signal cuts
+the drain short), then the watcher stops and `server.stop(grace)` refuses new calls and lets
+in-flight RPCs finish within `grace_seconds`.
 
 Hot reload and online writes (details in serve.reload and docs/events.md): UpsertItem,
 DeleteItem and RecordInteractions commit to the event store before they answer OK (SQLite under
@@ -72,6 +74,8 @@ class ServerConfig(BaseModel):
     workers: int = Field(8, ge=1)
     max_concurrent_rpcs: int = Field(256, ge=1)
     grace_seconds: float = Field(5.0, ge=0)
+    drain_seconds: float = Field(2.0, ge=0, description="answer calls this long after SIGTERM, "
+                                 "health NOT_SERVING, before refusing new ones")
     reuse_port: bool = Field(False, description="SO_REUSEPORT: several processes share the port")
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
@@ -105,6 +109,7 @@ class RunningServer:
         self.grace = grace
         self.ready = threading.Event()
         self._stopped = False
+        self._drain_cut = threading.Event()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a bundle is loaded and SERVING (or timeout); returns whether it is."""
@@ -116,18 +121,26 @@ class RunningServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop the threads, let in-flight RPCs finish, close the store."""
+    def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
+        """Health NOT_SERVING, keep answering for `drain` seconds, stop the threads, let in-flight
+        RPCs finish within the grace period, close the store."""
         if self._stopped:
             return
         self._stopped = True
         self.health.enter_graceful_shutdown()
+        if drain > 0:
+            log.info("health NOT_SERVING; draining for %.1f s before refusing new calls", drain)
+            self._drain_cut.wait(drain)
         self.watcher.stop()
         self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
         self.holder.store.close()
         self.metrics.stop_http()
         log.info("server stopped")
+
+    def cut_drain(self) -> None:
+        """End a drain in progress now (a second SIGTERM)."""
+        self._drain_cut.set()
 
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
