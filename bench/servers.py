@@ -4,30 +4,21 @@ it with --reuse-port), their CPU time and RSS from /proc, and the machine's load
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT
+from bench import procs
 from bench.h2load import recommend_counts, scrape, served_version
 
 
 def launch_server(root: Path, workers: int, port: int = 0, reuse_port: bool = False,
                   metrics: bool = False) -> tuple[subprocess.Popen, str, int | None]:
     """Run `python -m serve` on loopback; returns (process, target, metrics port) once it listens."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--bundles", str(root), "--port", str(port),
-         "--metrics-port", "0" if metrics else "-1", "--poll-seconds", "0.5", "--workers",
-         str(workers), "--log-level", "WARNING"] + (["--reuse-port"] if reuse_port else []),
-        cwd=ROOT, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    line = proc.stdout.readline()
-    if not line.startswith("serving on"):
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    found = re.search(r"metrics on \S+:(\d+)", line)
-    return proc, line.split()[2].rstrip(","), int(found.group(1)) if found else None
+    options = ["--poll-seconds", "0.5", "--workers", str(workers)]
+    proc, grpc_port, metrics_port = procs.start_server(
+        root, *options, *(["--reuse-port"] if reuse_port else []), port=port)
+    return proc, f"127.0.0.1:{grpc_port}", metrics_port if metrics else None
 
 
 def start_server(root: Path, workers: int) -> tuple[subprocess.Popen, str]:

@@ -6,6 +6,12 @@ into DIR/vN and points DIR/CURRENT at it; a server watching DIR then hot-swaps t
 published when training or export fails (exit 1), the config is invalid (exit 2) or another retrain
 holds DIR's lock (exit 3): the server keeps serving the previous bundle.
 
+Publish guard: the exported bundle goes live only when its validation Recall@k (k of the config's
+`eval.valid_metric`) is at least (1 - `--tolerance`) x the live bundle's, both scored the same way
+on the fresh run's validation split over the users both know (export.guard). Otherwise the live
+bundle stays, the fresh one is left unpublished in DIR, one warning line says why and the exit code
+is 4; DIR/retrain_status.json records every verdict for a cron wrapper. `--force` publishes anyway.
+
 With `--stage2 STAGE2.yaml` (train/stage2.py; PTMRec's encoder tuning, or PerPEFT with `groups`)
 stage 2 runs on the fresh stage-1 run into RUN/stage2, and is what goes on (to distillation or
 export) unless its validation metric is below stage 1's; then stage 1 goes on (logged). An invalid
@@ -38,15 +44,18 @@ from pathlib import Path
 
 import torch
 
-from export import export_run
+from export import export_run, guard
+from index import bundle as bundle_lib
 from train.cli import EXIT_CONFIG, load_or_report, parser, setup_logging
 from train.config import Stage2Config, TrainConfig, load_config, load_stage2
+from train.data import load_dataset
 from train.distill import DistillConfig, load_distill_config, run_distill
 from train.run import pick_device, read_metrics
 from train.stage1 import run_stage1
 from train.stage2 import run_stage2
 
 log = logging.getLogger("export.retrain")
+EXIT_KEPT_LIVE = 4  # the publish guard kept the live bundle (BUNDLES/retrain_status.json says why)
 LOCK = ".retrain.lock"
 
 
@@ -66,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", default=None, metavar="URL",
                    help="event store to add to the training data (SQLite state folder or "
                         "postgresql://...)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="publish guard: the fresh bundle goes live unless its validation "
+                        "recall@k is below (1 - TOLERANCE) x the live bundle's")
+    p.add_argument("--force", action="store_true",
+                   help="publish even when the publish guard would keep the live bundle")
     p.add_argument("--min-kept", type=float, default=0.95,
                    help="with --distill: the student's share of the teacher's validation metric "
                         "below which the teacher is published instead")
@@ -187,11 +201,34 @@ def retrain(args: argparse.Namespace) -> int:
             return 1
     try:
         path = export_run(run_dir, args.bundles, factory=args.factory, quantize=args.quantize,
-                          publish_bundle=True, event_watermark=watermark)
+                          publish_bundle=False, event_watermark=watermark)
     except Exception:  # noqa: BLE001 - same: a failed export publishes nothing
         log.exception("export of %s failed; nothing published", run_dir)
         return 1
-    print(f"published {path.name} from {run_dir} in {time.perf_counter() - start:.0f} s")
+    code = publish_guarded(path, cfg, args)
+    if code == 0:
+        print(f"published {path.name} from {run_dir} in {time.perf_counter() - start:.0f} s")
+    return code
+
+
+def publish_guarded(path: Path, cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """Publish the exported bundle unless it scores worse than the live one (publish guard);
+    0 when published, EXIT_KEPT_LIVE when the live bundle stays."""
+    live_name = bundle_lib.current_version(args.bundles)
+    live = args.bundles / live_name if live_name else None
+    data = load_dataset(cfg.data.path)
+    k = int(cfg.eval.valid_metric.split("@")[1])
+    verdict = guard.judge(live, path, data.valid, data.train, k, args.tolerance)
+    if not verdict.publish and not args.force:
+        log.warning("publish guard: keeping the live bundle; %s", verdict.reason)
+        guard.write_status(args.bundles, verdict, published=False)
+        return EXIT_KEPT_LIVE
+    if not verdict.publish:
+        log.warning("publish guard overridden by --force: %s", verdict.reason)
+    else:
+        log.info("publish guard: %s", verdict.reason)
+    bundle_lib.publish(args.bundles, path.name)
+    guard.write_status(args.bundles, verdict, published=True)
     return 0
 
 

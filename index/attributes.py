@@ -7,7 +7,13 @@ found in the item text, gives the value:
 
 - `category`: the value is one label (one-hot over the labels seen in the catalogue);
 - `tags`: the value is split into labels (multi-hot);
-- `number`: the value is a number, bucketed by `bins` (one-hot over len(bins) + 1 buckets).
+- `number`: the value is a number, bucketed by `bins` (one-hot over len(bins) + 1 buckets), or by
+  `quantiles: Q` edges fitted on the catalogue (so a newer catalogue does not fall into one bucket).
+
+Fitting checks coverage: a field that matches fewer than `min_coverage` of the items is a warning
+naming it with an example text; a field that matches no item is an AttributeCoverageError unless
+`allow_unmatched` (a pattern that never matches is almost always a typo, and silently yields a
+constant feature).
 
 Labels seen in fewer than `min_count` catalogue items share an "other" slot; a text where the
 pattern does not match leaves the field's slots at zero. The resolved spec (fields plus the
@@ -17,12 +23,19 @@ vocabulary training used, without torch. Torch-free: the trainer and the server 
 from __future__ import annotations
 
 import bisect
+import logging
 import re
 from collections import Counter
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+
+class AttributeCoverageError(ValueError):
+    """An attribute field matches no item of the catalogue."""
 
 
 class AttributeField(BaseModel):
@@ -35,6 +48,8 @@ class AttributeField(BaseModel):
     separator: str | None = Field(None, description="tags: split on this (None = whitespace)")
     bins: list[float] = Field(default_factory=list, description="number: sorted bucket edges; a "
                               "value v falls in bucket #{edges <= v}")
+    quantiles: int | None = Field(None, ge=2, description="number: fit len-1 bucket edges at the "
+                                  "catalogue's quantiles instead of hand-written bins")
     min_count: int = Field(1, ge=1, description="category/tags: rarer labels share one slot")
 
     @field_validator("pattern")
@@ -51,12 +66,16 @@ class AttributeField(BaseModel):
     @model_validator(mode="after")
     def _kind_options(self) -> AttributeField:
         if self.kind == "number":
-            if not self.bins:
-                raise ValueError(f"attribute {self.name!r}: a number needs bins (bucket edges)")
+            if not self.bins and self.quantiles is None:
+                raise ValueError(f"attribute {self.name!r}: a number needs bins (bucket edges) "
+                                 "or quantiles")
+            if self.bins and self.quantiles is not None:
+                raise ValueError(f"attribute {self.name!r}: give bins or quantiles, not both")
             if any(b >= c for b, c in zip(self.bins, self.bins[1:])):
                 raise ValueError(f"attribute {self.name!r}: bins must be strictly increasing")
-        elif self.bins:
-            raise ValueError(f"attribute {self.name!r}: bins apply to kind number only")
+        elif self.bins or self.quantiles is not None:
+            raise ValueError(f"attribute {self.name!r}: bins and quantiles apply to kind number "
+                             "only")
         if self.separator is not None and self.kind != "tags":
             raise ValueError(f"attribute {self.name!r}: separator applies to kind tags only")
         return self
@@ -93,6 +112,10 @@ class AttributesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["attributes"] = "attributes"
     fields: list[AttributeField] = Field(min_length=1)
+    min_coverage: float = Field(0.05, ge=0.0, le=1.0, description="warn about a field that "
+                                "matches fewer than this share of the items")
+    allow_unmatched: bool = Field(False, description="accept a field that matches no item "
+                                  "(else fitting fails naming it)")
 
     @field_validator("fields")
     @classmethod
@@ -101,6 +124,35 @@ class AttributesConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"attribute names must be unique, got {names}")
         return fields
+
+
+def _matches(f: AttributeField, text: str) -> bool:
+    """Whether the field finds a value in the text."""
+    return (f.number(text) if f.kind == "number" else f.labels(text)) is not None
+
+
+def _check_coverage(f: AttributeField, texts: list[str], cfg: AttributesConfig) -> None:
+    """Warn about a field that matches few items; AttributeCoverageError when it matches none."""
+    present = [t for t in texts if t]
+    share = sum(_matches(f, t) for t in present) / max(1, len(present))
+    example = (present[0][:120] if present else "(no item has text)")
+    if share == 0.0 and not cfg.allow_unmatched:
+        raise AttributeCoverageError(
+            f"attribute {f.name!r}: pattern {f.pattern!r} matches none of {len(present)} item "
+            f"texts, e.g. {example!r} (set allow_unmatched: true to keep it)")
+    if share < cfg.min_coverage:
+        log.warning("attribute %r matches only %.1f%% of %d item texts (min_coverage %.0f%%), "
+                    "e.g. not %r", f.name, 100 * share, len(present), 100 * cfg.min_coverage,
+                    next((t[:120] for t in present if not _matches(f, t)), example))
+
+
+def quantile_bins(f: AttributeField, texts: list[str]) -> list[float]:
+    """Strictly increasing bucket edges at the catalogue's (1..Q-1)/Q quantiles of the field."""
+    values = np.array([v for t in texts if (v := f.number(t or "")) is not None], dtype=float)
+    if len(values) == 0:
+        return [0.0]
+    edges = np.unique(np.quantile(values, np.arange(1, f.quantiles) / f.quantiles))
+    return [float(e) for e in edges] or [float(values[0])]
 
 
 class ResolvedField(AttributeField):
@@ -130,11 +182,15 @@ class AttributesSpec(BaseModel):
         """Vocabularies from the catalogue's texts: labels in >= min_count items, sorted."""
         fields = []
         for f in cfg.fields:
+            _check_coverage(f, texts, cfg)
             vocab: list[str] = []
             if f.kind != "number":
                 counts = Counter(label for t in texts for label in set(f.labels(t) or []))
                 vocab = sorted(label for label, n in counts.items() if n >= f.min_count)
-            fields.append(ResolvedField(**f.model_dump(), vocab=vocab))
+            resolved = f.model_dump()
+            if f.quantiles is not None:
+                resolved |= {"bins": quantile_bins(f, texts), "quantiles": None}
+            fields.append(ResolvedField(**resolved, vocab=vocab))
         return cls(fields=fields)
 
     @property

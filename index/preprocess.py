@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 DEFAULT_MAX_PIXELS = 50_000_000
+MAX_RESIZE_AREA = 100  # the resize step may make at most this many times the target's pixels
 
 
 class ImageError(ValueError):
@@ -135,6 +136,11 @@ def transform(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     size = resized_size(img.width, img.height, spec)
     if min(size) < 1:
         raise ImageError(f"image of {img.width}x{img.height} pixels is too thin to resize")
+    if size[0] * size[1] > max(MAX_RESIZE_AREA * spec.size[0] * spec.size[1], DEFAULT_MAX_PIXELS):
+        raise ImageError(f"image of {img.width}x{img.height} pixels has an aspect ratio that "
+                         f"would resize it to {size[0]}x{size[1]} before cropping to "
+                         f"{spec.size[1]}x{spec.size[0]}; at most {MAX_RESIZE_AREA}x the "
+                         "target's pixels are allowed")
     try:
         if size != img.size:
             img = img.resize(size, _resample(spec))

@@ -101,14 +101,15 @@ def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
 def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[int], float],
                validate: Callable[[int], dict[str, float]],
                on_best: Callable[[int, dict[str, float]], dict[str, float]], metric: str,
-               patience: int, after_epoch: Callable[[FitState], None] | None = None,
+               stops: Callable[[int, int, int], bool],
+               after_epoch: Callable[[FitState], None] | None = None,
                desc: str = "epochs") -> FitState:
     """The early-stopped loop of both stages: train an epoch, validate, and on a strict
     improvement of `metric` call `on_best` (it saves the state and returns the test figures);
-    stop once more than `patience` validations in a row did not improve."""
+    stop when `stops(epoch, best_epoch, validations without improvement)` says so."""
     bar = tqdm(epochs, desc=desc, unit="ep", dynamic_ncols=True)
     for epoch in bar:
-        if state.bad_evals > patience:
+        if stops(epoch, state.best_epoch, state.bad_evals):
             break
         t0 = time.perf_counter()
         loss = train_epoch(epoch)
@@ -181,5 +182,5 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
         return test
 
     return run_epochs(epochs, state, train_epoch, lambda e: evaluate_model(model, valid_eval),
-                      on_best, eval_cfg.valid_metric, eval_cfg.patience,
+                      on_best, eval_cfg.valid_metric, eval_cfg.stops,
                       lambda st: _save(run_dir, modules, optimizer, scheduler, generator, st))

@@ -10,6 +10,7 @@ benchmarks read, the way `index.bundle` owns the bundle.
       best.pt             module state at the best validation epoch (what export loads)
       checkpoint.pt       resumable state of the last finished epoch (stage 1)
       plots/              curves.png (stage 1), tsne_kde.png (python -m train.plots)
+      report.html         one page of all of it (python -m train.report)
 
 `load_run` rebuilds any finished run at its best weights with the functions training used
 (train.modules), so the exporter never re-implements training's construction.
@@ -44,6 +45,7 @@ CHECKPOINT = "checkpoint.pt"
 PLOTS = "plots"
 CURVES = "curves.png"
 TSNE = "tsne_kde.png"
+REPORT = "report.html"
 
 
 class RunMetrics(BaseModel):

@@ -230,7 +230,8 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
     state = FitState()
     start_valid = start_state(cfg, s2, model, valid_eval, reencoded, state, keep)
     run_epochs(range(s2.optim.epochs), state, one_epoch, validate, keep, cfg.eval.valid_metric,
-               s2.optim.patience, lambda st: log_epoch(st, cfg.eval.valid_metric), desc="stage 2")
+               lambda epoch, best, bad: bad > s2.optim.patience,
+               lambda st: log_epoch(st, cfg.eval.valid_metric), desc="stage 2")
     worse = below_start(start_valid, state.best_valid, cfg.eval.valid_metric)
     if worse:
         log.warning("%s: the run it started from, %s, serves warm users better", worse,

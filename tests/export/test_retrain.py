@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import fcntl
+import json
 
+import numpy as np
 import pytest
 import yaml
 
+from export.guard import STATUS_FILE, bundle_recall
+from export.retrain import EXIT_KEPT_LIVE, LOCK, main
 from index.bundle import current_version, list_versions, load_bundle
-from export.retrain import LOCK, main
+from train.data import load_dataset
 from train.synthetic import generate
 from train.run import METRICS
 
@@ -32,12 +36,55 @@ def _args(config, tmp_path, *extra):
 def test_two_retrains_publish_v1_then_v2(config, tmp_path):
     assert main(_args(config, tmp_path)) == 0
     assert current_version(tmp_path / "bundles") == "v1"
-    assert main(_args(config, tmp_path, "--set", "optim.epochs=1")) == 0
+    assert main(_args(config, tmp_path, "--set", "optim.epochs=1", "--tolerance", "1")) == 0
     assert current_version(tmp_path / "bundles") == "v2"
     assert list_versions(tmp_path / "bundles") == [1, 2]
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2
     assert load_bundle(tmp_path / "bundles" / "v2").manifest.source_run == str(runs[1].resolve())
+
+
+def test_publish_guard_keeps_a_better_live_bundle_unless_forced(config, tmp_path):
+    trained = ["--set", "optim.epochs=60", "--set", "optim.learning_rate=0.01"]
+    assert main(_args(config, tmp_path, *trained)) == 0
+    assert main(_args(config, tmp_path, "--set", "optim.epochs=1")) == EXIT_KEPT_LIVE
+    status = json.loads((tmp_path / "bundles" / STATUS_FILE).read_text())
+    assert status["status"] == "kept_live" and status["fresh"]["recall"] < status["live"]["recall"]
+    assert status["fresh"]["users"] > 0 and "v2 recall@20" in status["reason"]
+    assert current_version(tmp_path / "bundles") == "v1"   # v2 exported, never published
+    assert main(_args(config, tmp_path, "--set", "optim.epochs=1", "--force")) == 0
+    assert current_version(tmp_path / "bundles") == "v3"
+    assert json.loads((tmp_path / "bundles" / STATUS_FILE).read_text())["status"] == "published"
+
+
+def test_guard_scores_a_bundle_like_the_server(config, tmp_path):
+    """The guard's recall of a bundle equals a brute-force ranking of its own vectors."""
+    assert main(_args(config, tmp_path, "--set", "optim.epochs=30")) == 0
+    data = load_dataset(yaml.safe_load(config.read_text())["data"]["path"])
+    path = tmp_path / "bundles" / "v1"
+    b = load_bundle(path)
+    users, uids = b.load_npy("users.npy"), b.load_npy("user_ids.npy")
+    items = _item_vectors(b)
+    score = bundle_recall(path, data.valid, data.train, 20)
+    rows = {int(u): r for r, u in enumerate(uids)}
+    expected, n = 0.0, 0
+    for u in np.unique(data.valid[:, 0]):
+        if int(u) not in rows:
+            continue
+        s = items[1] @ users[rows[int(u)]]
+        s[np.isin(items[0], data.train[data.train[:, 0] == u, 1])] = -np.inf
+        top = items[0][np.argsort(-s, kind="stable")[:20]]
+        truth = data.valid[data.valid[:, 0] == u, 1]
+        expected += np.isin(truth, top).sum() / len(truth)
+        n += 1
+    assert score.users == n and score.recall == pytest.approx(expected / n, abs=1e-9)
+
+
+def _item_vectors(b):
+    from index import ann
+    index = ann.load(b.file("items.faiss"))
+    ids = b.load_npy("item_ids.npy")
+    return ids, np.stack([index.reconstruct(int(i)) for i in ids])
 
 
 def test_failures_publish_nothing(config, tmp_path):

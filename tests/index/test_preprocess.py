@@ -96,3 +96,22 @@ def test_pillow_bomb_guard_is_resource_exhausted(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # Pillow refuses > 2x this at open
     with pytest.raises(ImageTooLarge, match="bomb"):
         sp.decode(_bytes(Image.new("1", (4000, 3000))), max_pixels=10**9)
+
+
+SPEC = sp.ImageSpec(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("shape", [(1, 100_000), (1_000_000, 1), (200_000, 1)])
+def test_extreme_aspect_ratio_is_refused_before_the_resize(shape):
+    """A tiny thin PNG would be resized to billions of pixels before cropping (a 472-byte
+    1 x 100,000 PNG took 34 s and 4 GB): it is refused as invalid input before the resize."""
+    data = _bytes(Image.new("RGB", shape))
+    assert len(data) < 10_000
+    with pytest.raises(ImageError, match="aspect ratio") as err:
+        sp.preprocess(data, SPEC)
+    assert not isinstance(err.value, ImageTooLarge)       # INVALID_ARGUMENT, not exhaustion
+
+
+def test_ordinary_aspect_ratios_still_pass():
+    for shape in ((7000, 70), (300, 3000), (224, 224)):
+        assert sp.preprocess(_bytes(Image.new("RGB", shape)), SPEC).shape == (3, 224, 224)

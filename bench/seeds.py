@@ -1,0 +1,79 @@
+"""Seed spread of one config: N seeds, mean ± std, min and max of the test and validation figures
+and the best epochs, optionally under several early-stopping protocols side by side.
+
+    python -m bench.seeds --config configs/ml100k/lightgcn.yaml --seeds 1 2 3 4 5 \\
+        --protocols mmrec patient [--set optim.epochs=300] [--threads 2]
+
+Each (protocol, seed) run lives under --out/<config stem>/<protocol>/<seed> and is reused when
+finished with the same resolved config. Test figures are the ones at the best validation epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.common import ROOT
+from train.config import load_config
+from train.run import CONFIG, METRICS, RunMetrics, read_metrics
+from train.stage1 import run_stage1
+
+
+def one_run(config: Path, protocol: str, seed: int, args: argparse.Namespace) -> RunMetrics:
+    """A finished run of the config under one protocol and seed (trained when missing)."""
+    overrides = [*args.set, f"seed={seed}", f"eval.protocol={protocol}"]
+    overrides += [f"threads={args.threads}"] if args.threads else []
+    cfg = load_config(config, overrides)
+    out = args.out / config.stem / protocol / str(seed)
+    if (out / METRICS).is_file() and (out / CONFIG).is_file() and not args.rerun:
+        if load_config(out / CONFIG).config_hash() == cfg.config_hash():
+            return read_metrics(out)
+    print(f"training {config.stem} {protocol} seed {seed} -> {out}", flush=True)
+    run_stage1(cfg, out, torch.device("cpu"))
+    return read_metrics(out)
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    """mean ± std (min-max) of the values."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return (f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+
+def row(name: str, protocol: str, runs: list[RunMetrics], metric: str) -> str:
+    """One markdown row: test and valid metric spreads, best epochs, epochs run."""
+    return (f"| {name} | {protocol} | {len(runs)} | {spread([r.test[metric] for r in runs])} | "
+            f"{spread([r.valid[metric] for r in runs])} | "
+            f"{', '.join(str(r.best_epoch) for r in runs)} | "
+            f"{', '.join(str(r.epochs_run) for r in runs)} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or reuse) every protocol x seed and print the table."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, nargs="+", required=True)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--protocols", nargs="+", default=["mmrec", "patient"],
+                   choices=["mmrec", "patient"])
+    p.add_argument("--metric", default="recall@20")
+    p.add_argument("--set", action="append", default=[], metavar="a.b=c",
+                   help="config override for every run (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "seeds")
+    p.add_argument("--rerun", action="store_true", help="ignore finished runs")
+    args = p.parse_args(argv)
+    rows = [row(c.stem, proto, [one_run(c, proto, s, args) for s in args.seeds], args.metric)
+            for c in args.config for proto in args.protocols]
+    m = args.metric
+    print(f"\n| config | protocol | seeds | test {m} mean ± std (min-max) | valid {m} | "
+          "best epochs | epochs run |\n" + "|---" * 7 + "|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""bench.seeds on a tiny config: one row per protocol with the seed spread, runs reused."""
+from __future__ import annotations
+
+import yaml
+
+from bench import seeds
+from train.synthetic import generate
+
+
+def test_table_rows_and_reuse(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 3}, "eval": {"ks": [20], "min_epochs": 3}}))
+    argv = ["--config", str(config), "--seeds", "0", "1", "--out", str(tmp_path / "out")]
+    assert seeds.main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count("training tiny") == 4
+    assert "| tiny | mmrec | 2 | " in first and "| tiny | patient | 2 | " in first
+    assert seeds.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "training" not in second and second.split("| config")[1] == first.split("| config")[1]
