@@ -2,8 +2,12 @@
 # Two images from one base:
 #   docker build --target serve -t ptmrec-serve .     # torch-free gRPC server (default target)
 #   docker build --target train -t ptmrec-train .     # training + export (+ serving deps)
-# Run the server with bundles mounted read-only and the event store on a named volume:
-#   docker run --rm -p 50051:50051 -p 9100:9100 -v "$PWD/bundles:/bundles:ro" -v ptmrec-state:/state ptmrec-serve
+# Run the server with bundles mounted read-only and the event store on a named volume. The image
+# binds 0.0.0.0, so it refuses to start without authentication: mount a key file (ROLE:KEY lines,
+# re-read on change) or pass keys in the environment, or say --insecure-allow-anonymous:
+#   docker run --rm -p 50051:50051 -p 9100:9100 -v "$PWD/bundles:/bundles:ro" -v ptmrec-state:/state \
+#       -v "$PWD/keys.txt:/run/secrets/ptmrec-keys:ro" ptmrec-serve --api-keys /run/secrets/ptmrec-keys
+#   docker run ... -e PTMREC_API_KEYS="read:$READ_KEY,write:$WRITE_KEY" ptmrec-serve
 # A CPU-only train image: --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -44,6 +48,7 @@ WORKDIR /home/app
 VOLUME ["/bundles", "/state"]
 EXPOSE 50051 9100
 # Exit status 0 only when grpc.health.v1 reports SERVING (a bundle is loaded and smoke-tested).
+# Health is public by default; with --no-public-health set PTMREC_API_KEY for this check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "serve.client", "--target", "127.0.0.1:50051", "--timeout", "3", "health"]
 # Inside a container the server must listen on all interfaces for -p to reach it.

@@ -122,8 +122,8 @@ def raw_cases(channel: grpc.Channel) -> list[tuple[str, str, str]]:
     bad_utf8 = b"\x12\x03\xff\xfe\xfd"  # field 2 (text) with invalid UTF-8
     return [
         ("garbage protobuf bytes", raw("/ptmrec.v1.Recommender/Recommend", b"\xff\xff\xff\xff"),
-         "INTERNAL"),
-        ("invalid UTF-8 in text", raw("/ptmrec.v1.Recommender/EncodeItem", bad_utf8), "INTERNAL"),
+         INVALID),
+        ("invalid UTF-8 in text", raw("/ptmrec.v1.Recommender/EncodeItem", bad_utf8), INVALID),
         ("unknown method", raw("/ptmrec.v1.Recommender/Nope", b""), "UNIMPLEMENTED"),
         ("valid bytes, no stub", raw("/ptmrec.v1.Recommender/Recommend", b"\x08\x0a\x10\x0a"), OK),
         ("health of unknown service", raw("/grpc.health.v1.Health/Check", b"\x0a\x04nope"),

@@ -5,12 +5,18 @@ Layout: `bundles/vN/` holds flat files plus `manifest.json`; `bundles/CURRENT` h
 fsynced, and the directory is renamed into place, so a reader sees a bundle whole or not at all;
 if another writer took vN first the rename fails and we take the next number. Publishing replaces
 CURRENT through a temp file and `os.replace`. Loading re-hashes every file and refuses missing,
-changed or unlisted files with a `BundleError` naming the file. Bundles hold .npy (read with
+changed or unlisted files with a `BundleError` naming the file. The manifest is covered too:
+`manifest.sha256` (`sha256sum` format) holds the digest of manifest.json as written, so an edited
+manifest (backbone, metrics, counts, ...) is refused; a bundle without it (written before this
+check) is refused with a message naming `seal_manifest`. `publish(verify=True)` runs what the
+server's load runs: this verification and `check_contents`, the manifest's fields against the
+arrays they describe (counts, dim, ids, popularity, seen CSR, `normalized`). Bundles hold .npy (read with
 `allow_pickle=False`), .faiss, .onnx and .json files only: no pickle anywhere.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,12 +32,14 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from index import ann
 from index.atomic import fsync_path, write_text
-from index.manifest import MANIFEST_NAME, FileEntry, Manifest
+from index.manifest import MANIFEST_NAME, MANIFEST_SHA256_NAME, FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 
 MANIFEST = MANIFEST_NAME
+MANIFEST_SHA256 = MANIFEST_SHA256_NAME
 CURRENT = "CURRENT"
 USERS = "users.npy"
 USER_IDS = "user_ids.npy"
@@ -51,6 +59,7 @@ STANDARD_FILES = (USERS, USER_IDS, ITEMS_INDEX, ITEM_IDS, POPULARITY, SEEN_INDPT
 
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
 _HASH_THREADS = 4
+NORM_TOLERANCE = 1e-3
 
 
 class BundleError(Exception):
@@ -117,8 +126,8 @@ def _describe_files(tmp: Path) -> dict[str, FileEntry]:
     for p in entries:
         if p.is_symlink() or not p.is_file():
             raise BundleError(f"bundle writer produced {p.name!r}, which is not a regular file")
-        if p.name == MANIFEST:
-            raise BundleError(f"bundle writer must not write {MANIFEST} itself")
+        if p.name in (MANIFEST, MANIFEST_SHA256):
+            raise BundleError(f"bundle writer must not write {p.name} itself")
     for p in entries:
         fsync_path(p)
     digests = _hash_all(entries)
@@ -126,11 +135,37 @@ def _describe_files(tmp: Path) -> dict[str, FileEntry]:
 
 
 def _write_manifest(tmp: Path, manifest: Manifest) -> None:
-    """Write manifest.json into the temp directory and fsync it and the directory."""
+    """Write manifest.json and its sha256 into the temp directory; fsync them and the directory."""
     target = tmp / MANIFEST
     target.write_text(manifest.to_json(), encoding="utf-8")
     fsync_path(target)
+    seal_manifest(tmp)
     fsync_path(tmp)
+
+
+def seal_manifest(path: str | Path) -> None:
+    """Write manifest.sha256 for the manifest.json now in `path` (write_bundle does it; by hand
+    only for a bundle written before manifest checksums, after checking its manifest)."""
+    target = Path(path) / MANIFEST_SHA256
+    target.write_text(f"{sha256_file(Path(path) / MANIFEST)}  {MANIFEST}\n", encoding="utf-8")
+    fsync_path(target)
+
+
+def _verify_manifest_sha256(path: Path) -> None:
+    """BundleError unless manifest.sha256 is present and matches manifest.json."""
+    seal = path / MANIFEST_SHA256
+    try:
+        expected = seal.read_text(encoding="utf-8").split()[0]
+    except FileNotFoundError as err:
+        raise BundleError(f"{seal}: missing; the bundle predates manifest checksums: re-export "
+                          "it, or check its manifest.json and run index.bundle.seal_manifest("
+                          f"'{path}')") from err
+    except (OSError, UnicodeDecodeError, IndexError) as err:
+        raise BundleError(f"{seal}: unreadable ({err})") from err
+    digest = sha256_file(path / MANIFEST)
+    if not hmac.compare_digest(digest, expected):
+        raise BundleError(f"{path / MANIFEST}: sha256 {digest[:12]}… does not match "
+                          f"{MANIFEST_SHA256} ({expected[:12]}…): the manifest was edited")
 
 
 def write_bundle(bundles_dir: str | Path, write_files: Callable[[Path], None],
@@ -177,11 +212,11 @@ def _version_name(version: int | str) -> str:
 
 
 def publish(bundles_dir: str | Path, version: int | str, verify: bool = True) -> None:
-    """Point CURRENT at vN atomically (after verifying the bundle unless verify=False)."""
+    """Point CURRENT at vN atomically (after the server's own load checks unless verify=False)."""
     bundles_dir = Path(bundles_dir)
     name = _version_name(version)
     if verify:
-        load_bundle(bundles_dir / name)
+        check_contents(load_bundle(bundles_dir / name))
     elif not (bundles_dir / name).is_dir():
         raise BundleError(f"{bundles_dir / name}: no such bundle")
     write_text(bundles_dir / CURRENT, name + "\n")
@@ -223,8 +258,9 @@ def _read_manifest(path: Path) -> Manifest:
 
 def _verify_files(path: Path, manifest: Manifest) -> None:
     """Check presence, size and sha256 of every listed file, and that nothing else is there."""
+    own = (MANIFEST, MANIFEST_SHA256)
     unexpected = sorted(p.name for p in path.iterdir()
-                        if p.name != MANIFEST and p.name not in manifest.files)
+                        if p.name not in own and p.name not in manifest.files)
     if unexpected:
         raise BundleError(f"{path}: unexpected file {unexpected[0]!r} not listed in the manifest")
     paths = []
@@ -254,4 +290,62 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path / MANIFEST}: says version {manifest.version}, "
                           f"directory is {path.name}")
     _verify_files(path, manifest)
+    _verify_manifest_sha256(path)
     return Bundle(path=path, manifest=manifest)
+
+
+def check_contents(bundle: Bundle, index: Any | None = None) -> None:
+    """BundleError unless the arrays agree with each other and with the manifest: what the
+    server checks on every load and publish(verify=True) before CURRENT moves (fields no array
+    describes, like backbone and metrics, are covered by manifest.sha256)."""
+    m = bundle.manifest
+    index = ann.load(bundle.file(ITEMS_INDEX), use_gpu=False) if index is None else index
+    users, user_ids = bundle.load_npy(USERS, mmap=True), bundle.load_npy(USER_IDS, mmap=True)
+    problems = [
+        (users.shape != (m.counts.users, m.dim),
+         f"{USERS} is {users.shape}, manifest says counts.users={m.counts.users}, dim={m.dim}"),
+        (user_ids.shape != (len(users),), f"{USER_IDS} is {user_ids.shape}, not one per user"),
+        (index.d != m.dim, f"{ITEMS_INDEX} has dimension {index.d}, manifest dim is {m.dim}"),
+        (ann.ntotal(index) != m.counts.items,
+         f"{ITEMS_INDEX} holds {ann.ntotal(index)} items, manifest counts.items={m.counts.items}"),
+    ]
+    _fail(bundle, problems)
+    if len(np.unique(user_ids)) != len(user_ids):
+        _fail(bundle, [(True, f"{USER_IDS} are not unique")])
+    if m.normalized and len(users):
+        norms = np.linalg.norm(np.asarray(users, dtype=np.float64), axis=1)
+        _fail(bundle, [(np.abs(norms - 1).max() > NORM_TOLERANCE,
+                        f"manifest says normalized but {USERS} has a norm of {norms.max():.4g}")])
+    _check_items(bundle, index)
+    if bundle.has(SEEN_INDPTR) and bundle.has(SEEN_ITEMS):
+        check_csr(bundle.load_npy(SEEN_INDPTR), bundle.load_npy(SEEN_ITEMS, mmap=True), len(users))
+
+
+def _check_items(bundle: Bundle, index: Any) -> None:
+    """item_ids.npy (if listed) are the index's ids; popularity.npy (if listed) one per item."""
+    n = ann.ntotal(index)
+    if bundle.has(ITEM_IDS):
+        item_ids = bundle.load_npy(ITEM_IDS, mmap=True)
+        same = item_ids.shape == (n,) and np.array_equal(np.sort(item_ids),
+                                                         np.sort(ann.live_ids(index)))
+        _fail(bundle, [(not same, f"{ITEM_IDS} ({item_ids.shape[0]}) are not the ids of "
+                        f"{ITEMS_INDEX} ({n})")])
+    if bundle.has(POPULARITY):
+        popularity = bundle.load_npy(POPULARITY, mmap=True)
+        _fail(bundle, [(popularity.shape != (n,),
+                        f"{POPULARITY} is {popularity.shape}, not one per item ({n})")])
+
+
+def check_csr(indptr: np.ndarray, items: np.ndarray, n_rows: int) -> None:
+    """BundleError unless (indptr, items) is a valid CSR with n_rows rows."""
+    if indptr.shape != (n_rows + 1,) or indptr[0] != 0:
+        raise BundleError(f"seen_indptr must have shape ({n_rows + 1},) and start at 0")
+    if np.any(np.diff(indptr) < 0) or indptr[-1] != len(items):
+        raise BundleError("seen_indptr must be non-decreasing and end at len(seen_items)")
+
+
+def _fail(bundle: Bundle, problems: list[tuple[bool, str]]) -> None:
+    """Raise one BundleError listing every failed check."""
+    bad = [what for failed, what in problems if failed]
+    if bad:
+        raise BundleError(f"{bundle.path}: manifest and arrays disagree: {'; '.join(bad)}")

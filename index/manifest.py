@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MANIFEST_SHA256_NAME = "manifest.sha256"
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
@@ -134,7 +135,7 @@ class Manifest(_Strict):
     @classmethod
     def _flat_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
         for name in files:
-            if not _FILE_NAME.match(name) or name == MANIFEST_NAME:
+            if not _FILE_NAME.match(name) or name in (MANIFEST_NAME, MANIFEST_SHA256_NAME):
                 raise ValueError(f"invalid bundle file name {name!r}")
         return files
 

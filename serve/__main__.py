@@ -2,12 +2,17 @@
 
     python -m serve --bundles bundles/ [--state DIR | --store postgresql://...] [--host 127.0.0.1]
                     [--port 50051] [--metrics-port 9100] [--tls-cert cert.pem --tls-key key.pem]
-                    [--poll-seconds 2] [--workers 8]
+                    [--api-keys keys.txt | --tls-client-ca ca.pem | --insecure-allow-anonymous]
+                    [--poll-seconds 2] [--workers 8] [--drain-seconds 2] [--grace-seconds 5]
+
+API keys come from --api-keys FILE and/or the PTMREC_API_KEYS environment variable, never from
+the command line (serve.auth).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,6 +20,8 @@ import warnings
 from pathlib import Path
 
 from serve.limits import MIB, Limits
+
+KEYS_ENV = "PTMREC_API_KEYS"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port; -1 disables")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates "
+                   "signed by it (mutual TLS)")
+    p.add_argument("--api-keys", type=Path, help=f"file of ROLE:KEY lines (read, write), re-read "
+                   f"on change; also ${KEYS_ENV}")
+    p.add_argument("--encode-role", choices=("read", "write"), default="write",
+                   help="role EncodeItem needs")
+    p.add_argument("--public-health", action=argparse.BooleanOptionalAction, default=True,
+                   help="grpc.health.v1 without a key")
+    p.add_argument("--public-reflection", action=argparse.BooleanOptionalAction, default=False,
+                   help="server reflection without a key")
+    p.add_argument("--insecure-allow-anonymous", action="store_true",
+                   help="serve without authentication on a non-loopback address")
     p.add_argument("--poll-seconds", type=float, default=2.0,
                    help="how often to check CURRENT and the event store")
     p.add_argument("--fold-in-half", type=float, default=5.0,
@@ -39,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="wait before retrying a bundle that failed to load")
     p.add_argument("--workers", type=int, default=8, help="RPC thread pool size")
     p.add_argument("--max-concurrent-rpcs", type=int, default=256)
-    p.add_argument("--grace-seconds", type=float, default=5.0, help="drain time on shutdown")
+    p.add_argument("--drain-seconds", type=float, default=2.0, help="after SIGTERM: health "
+                   "NOT_SERVING at once, calls still answered this long (balancers move away)")
+    p.add_argument("--grace-seconds", type=float, default=5.0,
+                   help="then: new calls refused, in-flight calls get this long to finish")
     p.add_argument("--reuse-port", action="store_true",
                    help="let several server processes listen on the same port (SO_REUSEPORT)")
     p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per search")
@@ -48,6 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-text-chars", type=int, default=20_000)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def auth_from_args(args: argparse.Namespace, environ=os.environ):
+    """AuthConfig from parsed options and the PTMREC_API_KEYS variable."""
+    from serve.auth import AuthConfig
+
+    return AuthConfig(api_keys=args.api_keys, api_keys_text=environ.get(KEYS_ENV) or None,
+                      encode_role=args.encode_role, public_health=args.public_health,
+                      public_reflection=args.public_reflection, tls_client_ca=args.tls_client_ca,
+                      insecure_allow_anonymous=args.insecure_allow_anonymous)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -64,7 +96,8 @@ def config_from_args(args: argparse.Namespace):
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
-        reuse_port=args.reuse_port,
+        drain_seconds=args.drain_seconds,
+        reuse_port=args.reuse_port, auth=auth_from_args(args),
         faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
 
 
@@ -86,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         logging.getLogger("serve").info("received %s, shutting down",
                                         signal.Signals(signum).name)
+        if stop.is_set():
+            running.cut_drain()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -94,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", metrics on {args.metrics_host}:{running.metrics_port}"
              if running.metrics_port is not None else ""), flush=True)
     stop.wait()
-    running.stop()
+    running.stop(drain=args.drain_seconds)
     return 0
 
 

@@ -9,13 +9,16 @@
     python -m serve.client health        # exit 0 when SERVING, 1 otherwise (Docker HEALTHCHECK)
 
 Every command takes `--target HOST:PORT` (default 127.0.0.1:50051), `--timeout SECONDS` and
-`--tls-ca PEM` (TLS with that root certificate). Results print as JSON; an RPC error prints its
+`--tls-ca PEM` (TLS with that root certificate; `--tls-cert`/`--tls-key` for mutual TLS) and
+`--api-key-file FILE` (else the key in $PTMREC_API_KEY, never on the command line), before or
+after the command name. Results print as JSON; an RPC error prints its
 status code and message and exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,20 +32,27 @@ from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 MAX_MESSAGE = 64 * 1024 * 1024
+KEY_ENV = "PTMREC_API_KEY"
 
 
 class RecommenderClient:
     """Blocking client with a per-call deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 5.0,
-                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = ()):
+                 tls_ca: Path | None = None, options: Iterable[tuple[str, int]] = (),
+                 api_key: str | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None):
         options = [("grpc.max_send_message_length", MAX_MESSAGE),
                    ("grpc.max_receive_message_length", MAX_MESSAGE), *options]
         if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            pair = ((Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
+                    if tls_cert is not None else (None, None))
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(), *pair)
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
+        if api_key:
+            self.channel = grpc.intercept_channel(self.channel, _BearerKey(api_key))
         self.timeout = timeout
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -104,6 +114,26 @@ class RecommenderClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call."""
+
+    def __init__(self, key: str):
+        self.metadata = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
 def request(user_id: int, k: int = 10, exclude: Iterable[int] = (), exclude_seen: bool = True,
             recent: Iterable[int] = ()) -> pb.RecommendRequest:
     """A RecommendRequest."""
@@ -114,25 +144,27 @@ def request(user_id: int, k: int = 10, exclude: Iterable[int] = (), exclude_seen
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(prog="python -m serve.client", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=5.0)
-    p.add_argument("--tls-ca", type=Path, help="PEM root certificate: use TLS")
+    _global_options(p, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
     sub = p.add_subparsers(dest="command", required=True)
-    rec = sub.add_parser("recommend", help="top-k items for a user")
+    for name in ("recommend", "encode", "upsert", "delete", "record", "info", "health"):
+        sub.add_parser(name, parents=[common], help=_HELP[name])
+    rec = sub.choices["recommend"]
     rec.add_argument("--user", type=int, required=True)
     rec.add_argument("-k", type=int, default=10)
     rec.add_argument("--exclude", type=int, nargs="*", default=[])
     rec.add_argument("--recent", type=int, nargs="*", default=[])
     rec.add_argument("--include-seen", action="store_true", help="do not drop training items")
     for name in ("encode", "upsert"):
-        cmd = sub.add_parser(name, help=f"{name} an item from an image and/or text")
+        cmd = sub.choices[name]
         if name == "upsert":
             cmd.add_argument("--item", type=int, required=True)
             cmd.add_argument("--overwrite", action="store_true")
         cmd.add_argument("--image", type=Path, help="image file")
         cmd.add_argument("--text", default="")
-    sub.add_parser("delete", help="remove an item").add_argument("--item", type=int, required=True)
-    fb = sub.add_parser("record", help="record a user's interactions with items")
+    sub.choices["delete"].add_argument("--item", type=int, required=True)
+    fb = sub.choices["record"]
     fb.add_argument("--user", type=int, required=True)
     fb.add_argument("--items", type=int, nargs="+", required=True)
     fb.add_argument("--timestamps", type=int, nargs="*", default=[],
@@ -140,9 +172,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fb.add_argument("--kind", default="", help='e.g. "click" (default "interaction")')
     for cmd in (sub.choices["upsert"], sub.choices["delete"], fb):
         cmd.add_argument("--request-id", default="", help="client id that makes a retry safe")
-    sub.add_parser("info", help="bundle summary")
-    sub.add_parser("health", help="exit 0 if SERVING").add_argument("--service", default="")
+    sub.choices["health"].add_argument("--service", default="")
     return p.parse_args(argv)
+
+
+_HELP = {"recommend": "top-k items for a user", "encode": "encode an item from an image and/or "
+         "text", "upsert": "upsert an item from an image and/or text", "delete": "remove an item",
+         "record": "record a user's interactions with items", "info": "bundle summary",
+         "health": "exit 0 if SERVING"}
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """Connection options, accepted before or after the subcommand (after it wins); the
+    subcommand's copies default to SUPPRESS so they never overwrite the main parser's values."""
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--target", default=default("127.0.0.1:50051"), help="HOST:PORT of the server")
+    p.add_argument("--timeout", type=float, default=default(5.0), help="per-call deadline (s)")
+    p.add_argument("--tls-ca", type=Path, default=default(None), help="PEM root certificate: TLS")
+    p.add_argument("--tls-cert", type=Path, default=default(None),
+                   help="PEM client certificate (mutual TLS, with --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", type=Path, default=default(None), help="PEM client key")
+    p.add_argument("--api-key-file", type=Path, default=default(None),
+                   help=f"file holding the API key (default: ${KEY_ENV} if set)")
 
 
 def run(client: RecommenderClient, args: argparse.Namespace):
@@ -166,7 +219,10 @@ def run(client: RecommenderClient, args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
-    with RecommenderClient(args.target, args.timeout, args.tls_ca) as client:
+    key = (args.api_key_file.read_text(encoding="utf-8").strip() if args.api_key_file
+           else os.environ.get(KEY_ENV))
+    with RecommenderClient(args.target, args.timeout, args.tls_ca, api_key=key,
+                           tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
         try:
             result = run(client, args)
         except grpc.RpcError as err:

@@ -3,7 +3,7 @@
 Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, base units,
 `_total` counters, no per-user labels.
 - `recsys_request_duration_seconds{method,code}` histogram and `recsys_requests_total{method,code}`
-  per RPC and gRPC status code name;
+  per RPC and gRPC status code name (calls refused before a handler too: serve.guard);
 - `recsys_index_items` live items, `recsys_model_version` and `recsys_build_info{model_version,
   backbone,faiss_factory} 1` of the bundle being served;
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import logging
 
+import socket
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
-                               start_http_server)
+                               make_wsgi_app, start_http_server)
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +96,19 @@ class Metrics:
         self.index_items.set(model.n_items)
         self.store_position.set(model.position)
 
-    def start_http(self, host: str = "127.0.0.1", port: int = 9100) -> int:
-        """Serve /metrics on host:port (0 picks a free port); returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    def start_http(self, host: str = "127.0.0.1", port: int = 9100,
+                   allow: Callable[[str | None], bool] | None = None) -> int:
+        """Serve /metrics on host:port (0 picks a free port); with `allow`, only to requests whose
+        `Authorization: Bearer KEY` it accepts (else 401). Returns the bound port."""
+        if allow is None:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
+            self._http = make_server(host, port, _guarded(make_wsgi_app(self.registry), allow),
+                                     server_class, handler_class=_QuietHandler)
+            threading.Thread(target=self._http.serve_forever, name="metrics-http",
+                             daemon=True).start()
         bound = self._http.server_port
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
@@ -103,3 +119,29 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server for /metrics."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log lines on stderr."""
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+def _guarded(app: Callable, allow: Callable[[str | None], bool]) -> Callable:
+    """A WSGI app answering 401 unless `allow` accepts the request's bearer key."""
+    def guarded(environ, start_response):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        key = header[7:].strip() if header[:7].lower() == "bearer " else None
+        if not allow(key):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                 ("WWW-Authenticate", 'Bearer realm="metrics"')])
+            return [b"missing or invalid credentials\n"]
+        return app(environ, start_response)
+    return guarded

@@ -27,7 +27,7 @@ import numpy as np
 
 from index import ann
 from index import bundle as files
-from index.bundle import Bundle, BundleError
+from index.bundle import Bundle, BundleError, check_contents
 from index.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -55,14 +55,6 @@ def _ids_and_order(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted ids and the rows they come from, for O(log U) lookups."""
     order = np.argsort(ids, kind="stable")
     return ids[order], order
-
-
-def _check_csr(indptr: np.ndarray, items: np.ndarray, n_rows: int) -> None:
-    """BundleError unless (indptr, items) is a valid CSR with n_rows rows."""
-    if indptr.shape != (n_rows + 1,) or indptr[0] != 0:
-        raise BundleError(f"seen_indptr must have shape ({n_rows + 1},) and start at 0")
-    if np.any(np.diff(indptr) < 0) or indptr[-1] != len(items):
-        raise BundleError("seen_indptr must be non-decreasing and end at len(seen_items)")
 
 
 def load_image_spec(bundle: Bundle) -> ImageSpec:
@@ -124,29 +116,18 @@ class ServingModel:
                     max_pixels: int = DEFAULT_MAX_PIXELS,
                     fold_in: FoldIn | None = None) -> ServingModel:
         """Load and cross-check every serving file of a verified bundle."""
-        m = bundle.manifest
+        index = ann.load(bundle.file(files.ITEMS_INDEX), use_gpu=False)
+        check_contents(bundle, index)  # the checks publish(verify=True) runs
         users = np.ascontiguousarray(bundle.load_npy(files.USERS), dtype=np.float32)
         user_ids = bundle.load_npy(files.USER_IDS).astype(np.int64)
-        if users.ndim != 2 or users.shape[1] != m.dim or user_ids.shape != (len(users),):
-            raise BundleError(f"users {users.shape} / user_ids {user_ids.shape} do not match "
-                              f"dim {m.dim}")
-        if len(np.unique(user_ids)) != len(user_ids):
-            raise BundleError("user_ids are not unique")
-        index = ann.load(bundle.file(files.ITEMS_INDEX), use_gpu=False)
-        if index.d != m.dim:
-            raise BundleError(f"index dimension {index.d} != manifest dim {m.dim}")
         item_ids = (bundle.load_npy(files.ITEM_IDS).astype(np.int64) if bundle.has(files.ITEM_IDS)
                     else ann.live_ids(index))
         popularity = (bundle.load_npy(files.POPULARITY).astype(np.float64)
                       if bundle.has(files.POPULARITY) else np.zeros(len(item_ids)))
-        if popularity.shape != item_ids.shape:
-            raise BundleError(f"popularity {popularity.shape} does not match item_ids "
-                              f"{item_ids.shape}")
         seen = None
         if bundle.has(files.SEEN_INDPTR) and bundle.has(files.SEEN_ITEMS):
             seen = (bundle.load_npy(files.SEEN_INDPTR).astype(np.int64),
                     bundle.load_npy(files.SEEN_ITEMS).astype(np.int64))
-            _check_csr(*seen, len(users))
         encoder = load_encoder(bundle, encoder_threads, max_pixels)
         return cls(bundle, users, user_ids, index, item_ids, popularity, seen, encoder, fold_in)
 

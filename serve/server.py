@@ -10,8 +10,10 @@ torch nor `train/`.
 Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for "" and
 "ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. The watcher thread loads the bundle that
 `bundles/CURRENT` names (sha256-verified, smoke-queried) and only then flips health to SERVING. On
-stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING, the watcher stops, and
-`server.stop(grace)` lets in-flight RPCs finish.
+stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING at once, calls keep being answered for
+`drain_seconds` (so load balancers see NOT_SERVING and move traffic away; a second signal cuts
+the drain short), then the watcher stops and `server.stop(grace)` refuses new calls and lets
+in-flight RPCs finish within `grace_seconds`.
 
 Hot reload and online writes (details in serve.reload and docs/events.md): UpsertItem,
 DeleteItem and RecordInteractions commit to the event store before they answer OK (SQLite under
@@ -42,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
+from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
 from serve.online import FoldIn, Poller
@@ -70,10 +74,13 @@ class ServerConfig(BaseModel):
     workers: int = Field(8, ge=1)
     max_concurrent_rpcs: int = Field(256, ge=1)
     grace_seconds: float = Field(5.0, ge=0)
+    drain_seconds: float = Field(2.0, ge=0, description="answer calls this long after SIGTERM, "
+                                 "health NOT_SERVING, before refusing new ones")
     reuse_port: bool = Field(False, description="SO_REUSEPORT: several processes share the port")
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     fold_in: FoldIn = Field(default_factory=FoldIn)
 
     def store_url(self) -> str:
@@ -102,6 +109,7 @@ class RunningServer:
         self.grace = grace
         self.ready = threading.Event()
         self._stopped = False
+        self._drain_cut = threading.Event()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a bundle is loaded and SERVING (or timeout); returns whether it is."""
@@ -113,12 +121,16 @@ class RunningServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, stop the threads, let in-flight RPCs finish, close the store."""
+    def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
+        """Health NOT_SERVING, keep answering for `drain` seconds, stop the threads, let in-flight
+        RPCs finish within the grace period, close the store."""
         if self._stopped:
             return
         self._stopped = True
         self.health.enter_graceful_shutdown()
+        if drain > 0:
+            log.info("health NOT_SERVING; draining for %.1f s before refusing new calls", drain)
+            self._drain_cut.wait(drain)
         self.watcher.stop()
         self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
@@ -126,14 +138,24 @@ class RunningServer:
         self.metrics.stop_http()
         log.info("server stopped")
 
+    def cut_drain(self) -> None:
+        """End a drain in progress now (a second SIGTERM)."""
+        self._drain_cut.set()
+
     def wait(self) -> None:
         """Block until the gRPC server terminates."""
         self.server.wait_for_termination()
 
 
+def max_message_bytes(limits: Limits) -> int:
+    """Largest request message answered (and counted) by the Gate: the image limit + 1 MiB."""
+    return limits.max_image_bytes + MIB
+
+
 def _grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
-    """Channel options: message sizes leave room for the largest allowed image."""
-    return [("grpc.max_receive_message_length", cfg.limits.max_image_bytes + MIB),
+    """Channel options: gRPC's transport cuts messages at twice the Gate's limit (those, cut
+    before any Python code runs, are the only refusals not counted)."""
+    return [("grpc.max_receive_message_length", 2 * max_message_bytes(cfg.limits)),
             ("grpc.max_send_message_length", 64 * MIB),
             ("grpc.so_reuseport", int(cfg.reuse_port))]
 
@@ -143,14 +165,30 @@ def _bind(server: grpc.Server, cfg: ServerConfig) -> int:
     address = f"{cfg.host}:{cfg.port}"
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = cfg.auth.tls_client_ca
+    if client_ca is not None and cfg.tls_cert is None:
+        raise RuntimeError("--tls-client-ca needs --tls-cert and --tls-key")
     if cfg.tls_cert is not None:
-        creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+        creds = grpc.ssl_server_credentials(
+            [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+            root_certificates=client_ca.read_bytes() if client_ca else None,
+            require_client_auth=client_ca is not None)
         port = server.add_secure_port(address, creds)
     else:
         port = server.add_insecure_port(address)
     if not port:
         raise RuntimeError(f"could not bind {address}")
     return port
+
+
+def _authenticator(cfg: AuthConfig) -> Authenticator | None:
+    """The API-key check, or None when no keys are configured; a bad key file stops the start."""
+    if not cfg.has_keys():
+        return None
+    try:
+        return Authenticator(cfg)
+    except KeyFileError as err:
+        raise RuntimeError(str(err)) from err
 
 
 def _health() -> health.HealthServicer:
@@ -165,11 +203,15 @@ def _health() -> health.HealthServicer:
 def start(cfg: ServerConfig) -> RunningServer:
     """Start the gRPC server, metrics endpoint, watcher and event poller; returns at once (not
     yet SERVING)."""
+    check_exposure(cfg.auth, cfg.host, None if cfg.metrics_port is None else cfg.metrics_host)
+    auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
     holder = ModelHolder(open_event_store(cfg), metrics)
-    server = grpc.server(futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="rpc"),
-                         options=_grpc_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+    pool = CountingPool(cfg.workers)
+    gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
+                SERVICE_NAME, auth)
+    server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
                                               server)
     health_servicer = _health()
@@ -177,8 +219,9 @@ def start(cfg: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = _bind(server, cfg)
+    allow = None if auth is None else (lambda key: auth.allowed_role(key) is not None)
     metrics_port = (None if cfg.metrics_port is None
-                    else metrics.start_http(cfg.metrics_host, cfg.metrics_port))
+                    else metrics.start_http(cfg.metrics_host, cfg.metrics_port, allow))
 
     def build(path: Path):
         return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
@@ -191,8 +234,9 @@ def start(cfg: ServerConfig) -> RunningServer:
     server.start()
     watcher.start()
     poller.start()
-    log.info("gRPC on %s:%d (%s), bundles from %s, event store %s", cfg.host, port,
-             "TLS" if cfg.tls_cert else "plaintext", cfg.bundles, holder.store.display)
+    log.info("gRPC on %s:%d (%s, %s), bundles from %s, event store %s", cfg.host, port,
+             "mutual TLS" if cfg.auth.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
+             "API keys" if auth else "anonymous", cfg.bundles, holder.store.display)
     return running
 
 

@@ -23,7 +23,9 @@ def make_manifest(**overrides) -> Manifest:
 def write_tiny(target: Path) -> None:
     """Bundle writer callback: users, item index, ids and a JSON file."""
     rng = np.random.default_rng(0)
-    np.save(target / bundle.USERS, rng.standard_normal((3, 8)).astype(np.float32))
+    users = rng.standard_normal((3, 8))
+    np.save(target / bundle.USERS, (users / np.linalg.norm(users, axis=1, keepdims=True)).astype(
+        np.float32))
     np.save(target / bundle.USER_IDS, np.arange(3, dtype=np.int64))
     items = rng.standard_normal((5, 8)).astype(np.float32)
     ann.save(ann.build(items, np.arange(5) + 100, "Flat"), target / bundle.ITEMS_INDEX)

@@ -1,6 +1,8 @@
 """Watcher, swap and replay of the event store onto new bundles, in-process (no gRPC)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -188,3 +190,37 @@ def test_unreadable_store_postpones_the_swap(bundles, watched, monkeypatch):
     monkeypatch.setattr(holder.store, "head", real)
     assert watcher.check() and holder.model.version == 2 and holder.model.has_item(77)
     assert len(builds) == 1  # loaded once, swapped when the store came back
+
+
+def _edit(path, edit) -> None:
+    """Rewrite a bundle's manifest.json through a function of its parsed JSON."""
+    target = path / bundle.MANIFEST
+    target.write_text(json.dumps(edit(json.loads(target.read_text()))))
+
+
+EDITS = {  # one edit per field class of the manifest
+    "counts": lambda d: d | {"counts": d["counts"] | {"users": d["counts"]["users"] + 1}},
+    "dim": lambda d: d | {"dim": d["dim"] * 2},
+    "backbone": lambda d: d | {"backbone": "freedom"},
+    "metrics": lambda d: d | {"metrics": {"recall@20": 0.99}},
+}
+
+
+@pytest.mark.parametrize("field", sorted(EDITS))
+def test_edited_manifest_is_refused_by_publish_and_server(bundles, watched, field):
+    holder, watcher, metrics = watched
+    edited = write_test_bundle(bundles, BundleSpec(seed=4), publish=False)
+    _edit(edited, EDITS[field])
+    with pytest.raises(bundle.BundleError, match="manifest"):
+        bundle.publish(bundles, edited.name)
+    assert bundle.current_version(bundles) == "v1"  # CURRENT did not move
+    bundle.publish(bundles, edited.name, verify=False)
+    assert not watcher.check() and holder.model.version == 1 and top(holder, 0)
+    # re-sealed by someone who edits both files: the arrays still contradict counts and dim
+    if field in ("counts", "dim"):
+        bundle.seal_manifest(edited)
+        with pytest.raises(bundle.BundleError, match="disagree"):
+            bundle.publish(bundles, edited.name)
+        fresh = Watcher(bundles, holder, build_model, metrics, poll_seconds=60, retry_seconds=60)
+        assert not fresh.check() and holder.model.version == 1
+    assert reloads(metrics, "failure") == (2 if field in ("counts", "dim") else 1)

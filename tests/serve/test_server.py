@@ -130,13 +130,21 @@ def test_client_cli(running, tmp_path, capsys):
     assert cli.main(target + ["delete", "--item", "77"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
     assert cli.main(target + ["info"]) == 0
+    assert cli.main(["health"] + target) == 0  # global options after the subcommand too
+
+
+def test_client_cli_global_options_anywhere():
+    before = cli.parse_args(["--target", "h:1", "--timeout", "2", "recommend", "--user", "3"])
+    after = cli.parse_args(["recommend", "--user", "3", "--target", "h:1", "--timeout", "2"])
+    assert before == after and before.target == "h:1" and before.timeout == 2.0
+    assert cli.parse_args(["health"]).target == "127.0.0.1:50051"
 
 
 def test_main_stops_on_sigterm(tmp_path):
     write_test_bundle(tmp_path, BundleSpec())
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve", "--bundles", str(tmp_path), "--port", "0",
-         "--metrics-port", "-1", "--grace-seconds", "1"],
+         "--metrics-port", "-1", "--grace-seconds", "1", "--drain-seconds", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
@@ -152,6 +160,59 @@ def test_main_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_drains(bundle_v1, tmp_path):
+    drain, grace = 1.0, 1.0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--bundles", str(bundle_v1.parent), "--state",
+         str(tmp_path), "--port", "0", "--metrics-port", "-1", "--drain-seconds", str(drain),
+         "--grace-seconds", str(grace), "--workers", "4"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    results, stop = [], threading.Event()
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on 127.0.0.1:"), line + proc.stderr.read()
+        target = f"127.0.0.1:{line.split(':')[1].split(',')[0]}"
+        with RecommenderClient(target, timeout=2) as probe:
+            _wait(lambda: probe.health() == "SERVING")
+
+            def load():
+                with RecommenderClient(target, timeout=2) as client:
+                    while not stop.is_set():
+                        t = time.monotonic()
+                        try:
+                            client.recommend(10, 5)
+                            results.append((t, "OK"))
+                        except grpc.RpcError as err:
+                            results.append((t, err.code().name))
+
+            threads = [threading.Thread(target=load) for _ in range(3)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            while probe.health() != "NOT_SERVING":
+                pass
+            flipped = time.monotonic() - signalled
+            assert flipped < 0.1
+            assert proc.wait(timeout=drain + grace + 5) == 0
+            exited = time.monotonic() - signalled
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    during = [code for t, code in results if signalled <= t < signalled + drain - 0.2]
+    assert len(during) > 20 and set(during) == {"OK"}, set(during)
+    print(f"health NOT_SERVING after {flipped * 1000:.1f} ms, {len(during)} calls OK during the "
+          f"drain, exit after {exited:.2f} s")
+    assert drain <= exited < drain + grace + 1.5
 
 
 def test_tls(tmp_path):

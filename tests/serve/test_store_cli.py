@@ -43,6 +43,7 @@ def test_compact_records_the_dataset_that_covers_it(tmp_path):
     doc = json.loads(manifest.read_text())
     doc["source_run"] = str(run / "stage2")
     manifest.write_text(json.dumps(doc))
+    bundle.seal_manifest(path)  # a deliberate edit: re-seal, or publish refuses it
     bundle.publish(bundles, path.name)
     assert main(["compact", "--bundles", str(bundles)]) == 0
     assert store.meta("base_dataset") == str((run / "data").resolve())
