@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import yaml
 from pydantic import Field
 
-from train import checkpoint
+from train import checkpoint, distributed
 from train.backbones import Backbone
 from train.backbones.base import BackboneInputs
 from train.backbones.bpr import BPRConfig
@@ -225,6 +225,8 @@ def run_distill(teacher_dir: Path, dcfg: DistillConfig, out: Path, device: torch
 
     start = time.perf_counter()
     metrics = run_stage1(cfg, out, device, resume, wrap=wrap)
+    if not distributed.is_main():  # under torchrun rank 0 alone writes the run directory
+        return metrics
     unwrap_checkpoint(out / BEST)
     d_student = dcfg.student.embedding_size
     d_teacher = t_items.shape[1]
@@ -262,11 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = distributed.init(run_device(args.teacher))
+    main_rank = distributed.is_main()
     try:
-        metrics = run_distill(args.teacher, dcfg, args.out, run_device(args.teacher), args.resume)
+        metrics = run_distill(args.teacher, dcfg, args.out, device, args.resume)
     except (FileNotFoundError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        distributed.shutdown()
+    if not main_rank:
+        return 0
     info = metrics["distill"]
     teacher = {"test": info["teacher_test"], "valid": info["teacher_valid"]}
     print(f"\nteacher {info['teacher_backbone']} ({info['teacher_dim']}-d), {args.teacher}:\n"

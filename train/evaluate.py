@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from train import distributed
 from train.data import Dataset, to_csr
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -60,26 +61,43 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, score_fn: ScoreFn) -> dict[str, float]:
-        """Score every batch with score_fn(users) -> (b, n_items) and average the metrics."""
+        """Score every batch with score_fn(users) -> (b, n_items) and average the metrics. Under
+        torchrun each rank scores every N-th batch; the per-batch sums are gathered and added in
+        batch order, so the figures are those of one process (train/distributed.py)."""
+        mine = {i: self._batch_sums(b, score_fn)
+                for i, b in enumerate(self.batches) if i % distributed.world_size()
+                == distributed.rank()}
+        per_batch = {i: sums for part in distributed.gather(mine) for i, sums in part.items()}
+        totals = {name: 0.0 for name in self.metric_names()}
+        for i in range(len(self.batches)):
+            for name, value in per_batch[i].items():
+                totals[name] += value
+        return {name: total / self.n_users for name, total in totals.items()}
+
+    def metric_names(self) -> list[str]:
+        """recall@k and ndcg@k for every k, in the order run() reports them."""
+        return [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg")]
+
+    def _batch_sums(self, b: _EvalBatch, score_fn: ScoreFn) -> dict[str, float]:
+        """Sums over one batch's users of Recall@k and NDCG@k."""
         kmax = min(self.ks[-1], self.n_items)
-        sums = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg")}
         discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64))  # (K,)
         cum_discount = torch.cumsum(discount, 0)
-        for b in self.batches:
-            scores = score_fn(b.users).float().clone()                 # (b, I), never a view
-            scores[b.mask_rows.to(scores.device), b.mask_cols.to(scores.device)] = -torch.inf
-            top = torch.topk(scores, kmax, dim=1).indices.cpu()         # (b, K)
-            keys = torch.arange(len(b.users)).unsqueeze(1) * self.n_items + top
-            pos = torch.searchsorted(b.heldout_keys, keys).clamp(max=len(b.heldout_keys) - 1)
-            hit = (b.heldout_keys[pos] == keys).double()                # (b, K)
-            n = b.n_heldout.double()
-            for k in self.ks:
-                kk = min(k, kmax)
-                sums[f"recall@{k}"] += (hit[:, :kk].sum(1) / n).sum().item()
-                dcg = (hit[:, :kk] * discount[:kk]).sum(1)
-                idcg = cum_discount[(b.n_heldout.clamp(max=kk) - 1)]
-                sums[f"ndcg@{k}"] += (dcg / idcg).sum().item()
-        return {name: total / self.n_users for name, total in sums.items()}
+        scores = score_fn(b.users).float().clone()                 # (b, I), never a view
+        scores[b.mask_rows.to(scores.device), b.mask_cols.to(scores.device)] = -torch.inf
+        top = torch.topk(scores, kmax, dim=1).indices.cpu()         # (b, K)
+        keys = torch.arange(len(b.users)).unsqueeze(1) * self.n_items + top
+        pos = torch.searchsorted(b.heldout_keys, keys).clamp(max=len(b.heldout_keys) - 1)
+        hit = (b.heldout_keys[pos] == keys).double()                # (b, K)
+        n = b.n_heldout.double()
+        sums = {}
+        for k in self.ks:
+            kk = min(k, kmax)
+            sums[f"recall@{k}"] = (hit[:, :kk].sum(1) / n).sum().item()
+            dcg = (hit[:, :kk] * discount[:kk]).sum(1)
+            idcg = cum_discount[(b.n_heldout.clamp(max=kk) - 1)]
+            sums[f"ndcg@{k}"] = (dcg / idcg).sum().item()
+        return sums
 
 
 def evaluate_scores(score_fn: ScoreFn, dataset: Dataset, split: str = "test",

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from train import checkpoint
+from train import checkpoint, distributed
 from train.backbones import Backbone
 from train.config import EvalConfig, OptimConfig
 from train.data import Dataset
 from train.evaluate import Evaluator, embedding_score_fn
 from train.heads import ContentHeads
 from train.run import BEST, CHECKPOINT
-from train.sampling import Batch, NegativeSampler, batch_to, epoch_batches
+from train.sampling import Batch, NegativeSampler, batch_to, epoch_batches, rank_part
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ def heads_batch_loss(heads: ContentHeads, targets, features, batch: Batch) -> to
 
 
 def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> None:
-    """Write the resumable checkpoint of the last finished epoch."""
+    """Write the resumable checkpoint of the last finished epoch (rank 0 only)."""
+    if not distributed.is_main():
+        return
     checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                             "torch_rng": torch.get_rng_state(),
@@ -107,7 +109,7 @@ def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[in
     """The early-stopped loop of both stages: train an epoch, validate, and on a strict
     improvement of `metric` call `on_best` (it saves the state and returns the test figures);
     stop when `stops(epoch, best_epoch, validations without improvement)` says so."""
-    bar = tqdm(epochs, desc=desc, unit="ep", dynamic_ncols=True)
+    bar = tqdm(epochs, desc=desc, unit="ep", dynamic_ncols=True, disable=not distributed.is_main())
     for epoch in bar:
         if stops(epoch, state.best_epoch, state.bad_evals):
             break
@@ -159,6 +161,7 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
     epochs = range(state.epoch + 1, optim_cfg.epochs)
     if max_epochs_this_call is not None:
         epochs = epochs[:max_epochs_this_call]
+    step = distributed.wrap(modules, lambda *a: _batch_loss(model, heads, *a), device)
 
     def train_epoch(epoch: int) -> float:
         modules.train()
@@ -166,19 +169,21 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
         targets = kt_targets(model, heads)
         total, n_batches = 0.0, 0
         for batch in epoch_batches(train_pairs, sampler, optim_cfg.batch_size, generator):
-            loss = _batch_loss(model, heads, targets, features, batch_to(batch, device))
+            part, weight = rank_part(batch)
+            loss = step(targets, features, batch_to(part, device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             optimizer.step()
-            total, n_batches = total + loss.item(), n_batches + 1
+            total, n_batches = total + loss.item() * weight, n_batches + 1
         scheduler.step()
-        return total / max(1, n_batches)
+        return distributed.sum_float(total) / distributed.world_size() / max(1, n_batches)
 
     def on_best(epoch: int, valid: dict) -> dict:
         test = evaluate_model(model, test_eval)
-        checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
+        if distributed.is_main():
+            checkpoint.save_atomic(modules.state_dict(), run_dir / BEST)
         return test
 
     return run_epochs(epochs, state, train_epoch, lambda e: evaluate_model(model, valid_eval),

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from train import distributed
+
 
 @contextmanager
 def seeded_torch(seed: int) -> Iterator[None]:
@@ -75,6 +77,15 @@ def epoch_batches(train: torch.Tensor, sampler: NegativeSampler, batch_size: int
     neg = sampler.sample(users, generator)
     for s in range(0, len(users), batch_size):
         yield Batch(users[s:s + batch_size], pos[s:s + batch_size], neg[s:s + batch_size])
+
+
+def rank_part(batch: Batch) -> tuple[Batch, float]:
+    """This rank's part of a global batch and its loss weight (train/distributed.py); the whole
+    batch with weight 1 in a single process."""
+    if not distributed.active():
+        return batch, 1.0
+    s, weight = distributed.shard(len(batch.users))
+    return Batch(batch.users[s], batch.pos[s], batch.neg[s]), weight
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:

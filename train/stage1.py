@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import checkpoint
+from train import checkpoint, distributed
 from train.backbones import Backbone, BackboneInputs, build_backbone
 from train.calibrate import calibrate_heads
 from train.coldstart import ColdSplit, content_knn_baseline, evaluate_cold, random_baseline
@@ -77,7 +77,8 @@ def calibrate_best(modules: torch.nn.ModuleDict, features: dict[str, torch.Tenso
     if calib is not None:
         out["heads_calibration"] = calibrate_heads(heads, model, features, dataset, calib,
                                                    cfg.optim.batch_size, cfg.seed)
-        checkpoint.save_atomic(modules.state_dict(), best)
+        if distributed.is_main():
+            checkpoint.save_atomic(modules.state_dict(), best)
     if split is not None:
         out["cold_start"] = cold_start_metrics(model, heads, features, dataset, split,
                                                cfg.cold_start.ks, cfg.seed)
@@ -93,9 +94,13 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     `features` (n_items, d) per modality replace the configured encoders' output for those
     modalities (bench/feature_probe.py: what other item features would do to the backbone).
     `wrap(backbone, inputs)` replaces the built backbone by what it returns, e.g. the backbone with
-    a distillation loss (train/distill.py); content heads are sized on the wrapped model."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / CONFIG)
+    a distillation loss (train/distill.py); content heads are sized on the wrapped model.
+
+    Under torchrun every rank trains its part of each batch and only rank 0 writes RUN_DIR
+    (train/distributed.py); metrics.json records `world_size`."""
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / CONFIG)
     data = prepare_data(cfg, device, features)
     dataset, split, calib = data.train, data.cold, data.calib
     inputs = backbone_inputs(dataset, device)
@@ -105,11 +110,13 @@ def run_stage1(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bo
     heads = build_heads(cfg, None, inputs.features, model, device)
     state = fit(model, dataset, cfg.optim, cfg.eval, run_dir, cfg.seed, device, resume,
                 max_epochs_this_call, heads, inputs.features)
-    metrics = metrics_summary(state)
+    metrics = metrics_summary(state) | {"world_size": distributed.world_size()}
+    distributed.barrier()  # rank 0 has written best.pt
     if heads is not None and (calib is not None or split is not None):
         modules = torch.nn.ModuleDict({"backbone": model, "heads": heads})
         metrics |= calibrate_best(modules, inputs.features, dataset, (split, calib), cfg,
                                   run_dir / BEST)
-    write_metrics(run_dir, metrics)
-    plot_curves(state.history, run_dir / PLOTS / CURVES, cfg.eval.valid_metric)
+    if distributed.is_main():
+        write_metrics(run_dir, metrics)
+        plot_curves(state.history, run_dir / PLOTS / CURVES, cfg.eval.valid_metric)
     return metrics

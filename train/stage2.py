@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from train import checkpoint, perpeft
+from train import checkpoint, distributed, perpeft
 from train.backbones import Backbone, build_backbone
 from train.cli import EXIT_CONFIG, load_or_report, parser, setup_logging
 from train.config import Stage2Config, TrainConfig, dump_config, load_config, load_stage2
@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s2 = load_or_report(load_stage2, args.config, args.overrides, "stage-2 config")
     if s2 is None:
+        return EXIT_CONFIG
+    if distributed.launched():
+        print("error: stage 2 runs as one process (torchrun covers python -m train and "
+              "train.distill); start it with plain python", file=sys.stderr)
         return EXIT_CONFIG
     metrics = run_stage2(args.run, s2, args.out, run_device(args.run))
     print("\nstage 1 (frozen encoders):\n" + metrics_table(read_metrics(args.run).model_dump()))

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from index.atomic import write_bytes
+from train import distributed
 from train.encoders.base import Tower
 
 log = logging.getLogger(__name__)
@@ -140,17 +141,30 @@ def extract(tower: Tower, items: list, cache_dir: Path, batch_size: int = 64,
     path = cache_dir / f"{tower.modality}-{cache_key(tower, items, identity)}.npy"
     cached = _load(path, len(items))
     what = "images missing or unreadable (blank used)" if tower.modality == "image" else "texts empty"
-    if cached is not None:
+    if all(distributed.gather(cached is not None)):
         log.info("feature cache hit %s (%d of %d %s)", path.name, cached[1], len(items), what)
         return Extraction(cached[0], cached[1], path, cache_hit=True)
-    features, n_missing = encode_all(tower, items, batch_size, torch.device(device), progress)
+    features, n_missing = encode_sharded(tower, items, batch_size, torch.device(device), progress)
     meta = {"identity": identity, "modality": tower.modality, "n_items": len(items),
             "dim": int(features.shape[1]), "n_missing": n_missing}
-    _save(path, features, meta)
+    if distributed.is_local_main():
+        _save(path, features, meta)
     log.info("encoded %d %ss -> %s", len(items), tower.modality, path.name)
     if n_missing:
         log.warning("%d of %d %s", n_missing, len(items), what)
     return Extraction(features, n_missing, path, cache_hit=False)
+
+
+def encode_sharded(tower: Tower, items: list, batch_size: int, device: torch.device,
+                   progress: bool) -> tuple[np.ndarray, int]:
+    """encode_all, each rank its contiguous part of the items under torchrun, gathered in rank
+    order on every rank (a rank that dies fails the gather: nothing is cached)."""
+    if not distributed.active():
+        return encode_all(tower, items, batch_size, device, progress)
+    mine = encode_all(tower, items[distributed.part(len(items))], batch_size, device,
+                      progress and distributed.is_main())
+    parts = distributed.gather(mine)
+    return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts)
 
 
 def extract_features(tower: Tower, items: list, cache_dir: Path, batch_size: int = 64,
