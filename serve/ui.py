@@ -325,16 +325,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _discard(self, limit: int) -> None:
-        """Read (and drop) an oversized body up to 2 x limit, so the browser sees the answer."""
+        """Read (and drop) an oversized body, up to 2 x limit and while it keeps coming, so the
+        browser reads the answer instead of a reset connection."""
         try:
             left = min(int(self.headers.get("Content-Length") or 0), 2 * limit)
-        except ValueError:
+            self.connection.settimeout(2)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, MIB))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except (ValueError, OSError):
             return
-        while left > 0:
-            chunk = self.rfile.read(min(left, MIB))
-            if not chunk:
-                return
-            left -= len(chunk)
 
 
 class InspectionServer:
