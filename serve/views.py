@@ -158,7 +158,7 @@ def top_with_candidate(model: ServingModel, user_id: int, k: int, vec: np.ndarra
     ranks after items with an equal score."""
     plan = model.plan(query(user_id, k, limits))
     if plan.vector is None:
-        return model.recommend(query(user_id, k, limits)).item_ids.tolist()
+        return []  # popularity answers: an item without interactions never enters it
     rec = model.nearest(plan.vector, k, plan.excluded)
     score = float(np.dot(plan.vector, vec))
     ids = rec.item_ids.tolist()
