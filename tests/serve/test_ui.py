@@ -475,3 +475,40 @@ def test_chromium_renders_the_user_page_with_images(tmp_path, catalogue_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_a_key_rotated_out_ends_its_sessions(tmp_path, catalogue_dir):
+    from serve.auth import AuthConfig
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"read:{READ_KEY}\n")
+    write_test_bundle(tmp_path / "bundles", BundleSpec())
+    running = start(tmp_path / "bundles", catalogue_dir,
+                    auth=AuthConfig(api_keys=keys, reload_seconds=0.05))
+    try:
+        _, headers, _ = request(running.ui_port, "/login", "POST", f"key={READ_KEY}".encode(),
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+        jar = {"Cookie": headers["set-cookie"].split(";")[0]}
+        assert request(running.ui_port, "/", headers=jar)[0] == 200
+        keys.write_text(f"read:{WRITE_KEY}\n")
+        os.utime(keys, ns=(time.time_ns() + 10**9,) * 2)
+        time.sleep(0.2)
+        assert request(running.ui_port, "/", headers=jar)[0] == 401
+    finally:
+        running.stop(0)
+
+
+def test_demo_waits_for_enter_only_when_interactive(monkeypatch):
+    from serve import demo
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setenv("CI", "1")
+    assert not demo.interactive()
+    monkeypatch.delenv("CI")
+    assert demo.interactive()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert not demo.interactive()
