@@ -7,8 +7,8 @@ The format is the one training reads (train/data.py); this reader is torch-free 
 because serve/ never imports train/. Errors name `file:line`. An image path that is absolute or
 resolves (symlinks followed) outside DIR is refused when the catalogue loads, and every read
 resolves the path again, so nothing outside DIR is ever served. A listed image that is missing on
-disk, unreadable, over the size limit or not a PNG, JPEG, GIF or WebP is "no image" (the page shows a
-placeholder); SVG is never served from the catalogue (it can carry script).
+disk, unreadable, over the size limit or not a PNG, JPEG, GIF or WebP is "no image" (the page
+shows a placeholder); SVG is never served from the catalogue (it can carry script).
 """
 from __future__ import annotations
 

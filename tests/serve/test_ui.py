@@ -374,7 +374,8 @@ def test_without_a_key_the_page_asks_for_one(guarded):
         assert code == 401 and b'action="/login"' in body and b"bundle v1" not in body, path
     code, _, body = request(guarded.ui_port, "/image/1042")
     assert code == 401 and not body.startswith(b"\x89PNG")
-    code, _, _ = request(guarded.ui_port, "/", headers={"Authorization": "Bearer wrong-key-1234567"})
+    code, _, _ = request(guarded.ui_port, "/",
+                         headers={"Authorization": "Bearer wrong-key-1234567"})
     assert code == 401
     body, headers = multipart({"text": "x"}, {})
     assert request(guarded.ui_port, "/encode", "POST", body, headers)[0] == 401
