@@ -4,6 +4,7 @@
                     [--port 50051] [--metrics-port 9100] [--tls-cert cert.pem --tls-key key.pem]
                     [--api-keys keys.txt | --tls-client-ca ca.pem | --insecure-allow-anonymous]
                     [--poll-seconds 2] [--workers 8] [--drain-seconds 2] [--grace-seconds 5]
+                    [--ui-port 8080 [--ui-host 127.0.0.1] [--catalogue DATA_DIR]]
 
 API keys come from --api-keys FILE and/or the PTMREC_API_KEYS environment variable, never from
 the command line (serve.auth).
@@ -36,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port; -1 disables")
+    p.add_argument("--ui-host", default="127.0.0.1", help="inspection page bind address")
+    p.add_argument("--ui-port", type=int, help="inspection page port (0: pick a free one); "
+                   "off unless given")
+    p.add_argument("--catalogue", type=Path, help="MMRec dataset directory (items.tsv, images) "
+                   "for the inspection page's item texts and images")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, help="PEM private key")
     p.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates "
@@ -92,6 +98,7 @@ def config_from_args(args: argparse.Namespace):
     return ServerConfig(
         bundles=args.bundles, state=args.state, store=args.store, host=args.host, port=args.port,
         metrics_host=args.metrics_host, fold_in=FoldIn(half=args.fold_in_half),
+        ui_host=args.ui_host, ui_port=args.ui_port, catalogue=args.catalogue,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
@@ -99,6 +106,12 @@ def config_from_args(args: argparse.Namespace):
         drain_seconds=args.drain_seconds,
         reuse_port=args.reuse_port, auth=auth_from_args(args),
         faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
+
+
+def ui_url(host: str, port: int) -> str:
+    """The inspection page's address (a wildcard bind is shown as loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}/"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"serving on {args.host}:{running.port}"
           + (f", metrics on {args.metrics_host}:{running.metrics_port}"
-             if running.metrics_port is not None else ""), flush=True)
+             if running.metrics_port is not None else "")
+          + (f", inspection page on {ui_url(args.ui_host, running.ui_port)}"
+             if running.ui_port is not None else ""), flush=True)
     stop.wait()
     running.stop(drain=args.drain_seconds)
     return 0

@@ -195,7 +195,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(cfg: AuthConfig, grpc_host: str, metrics_host: str | None) -> None:
+def check_exposure(cfg: AuthConfig, grpc_host: str, metrics_host: str | None,
+                   ui_host: str | None = None) -> None:
     """Refuse to serve anonymously on a non-loopback address unless explicitly allowed."""
     if cfg.insecure_allow_anonymous:
         return
@@ -206,4 +207,8 @@ def check_exposure(cfg: AuthConfig, grpc_host: str, metrics_host: str | None) ->
     if metrics_host is not None and not cfg.has_keys() and not is_loopback(metrics_host):
         raise RuntimeError(f"refusing to serve metrics on {metrics_host} without a read key: "
                            "pass --api-keys FILE (or PTMREC_API_KEYS), bind --metrics-host "
+                           "127.0.0.1, or pass --insecure-allow-anonymous")
+    if ui_host is not None and not cfg.has_keys() and not is_loopback(ui_host):
+        raise RuntimeError(f"refusing to serve the inspection page on {ui_host} without a read "
+                           "key: pass --api-keys FILE (or PTMREC_API_KEYS), bind --ui-host "
                            "127.0.0.1, or pass --insecure-allow-anonymous")

@@ -6,12 +6,17 @@ Starts `python -m serve` as a child process on free loopback ports, waits for th
 to say SERVING, then: top-10 for a few users, EncodeItem of a "new" item (image and text of an
 existing catalogue item under an unused id, so the result is checkable), UpsertItem of it, the items
 nearest to it (Recommend for an unknown user folded in from it), the users that now get it in
-their top-10, a scrape of the Prometheus metrics, and a graceful SIGTERM stop. Torch-free.
+their top-10, a scrape of the Prometheus metrics; then it prints the address of the inspection
+page (served with `--ui-port 0 --catalogue DATA`) and keeps the server up until Enter is pressed
+(not when stdin is not a terminal, under CI=1 or with --no-wait), and stops it with SIGTERM.
+Torch-free.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from serve.client import RecommenderClient
+from serve.views import users_who_get
 
 METRIC_PREFIXES = ("recsys_requests_total", "recsys_index_items", "recsys_model_version",
                    "recsys_reloads_total", "recsys_encode_duration_seconds_count",
@@ -43,12 +49,25 @@ def read_items(data: Path) -> dict[int, tuple[str, str]]:
         return {int(r["itemID"]): (r.get("image") or "", r.get("text") or "") for r in rows}
 
 
-def start_server(bundles: Path, port: int, metrics_port: int) -> subprocess.Popen:
-    """`python -m serve` as a child process."""
+def start_server(bundles: Path, data: Path, port: int,
+                 metrics_port: int) -> tuple[subprocess.Popen, str | None]:
+    """`python -m serve` as a child process with the inspection page on a free port; returns it
+    and the page's address (from the line the server prints once it listens)."""
     cmd = [sys.executable, "-m", "serve", "--bundles", str(bundles), "--port", str(port),
-           "--metrics-port", str(metrics_port), "--log-level", "WARNING"]
+           "--metrics-port", str(metrics_port), "--ui-port", "0", "--catalogue", str(data),
+           "--log-level", "WARNING"]
     print("$ " + " ".join(cmd[1:]), flush=True)
-    return subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    print(line, end="", flush=True)
+    found = re.search(r"inspection page on (\S+)", line)
+    return proc, found.group(1) if found else None
+
+
+def interactive() -> bool:
+    """Whether to wait for Enter: a terminal on stdin and not CI."""
+    return sys.stdin.isatty() and os.environ.get("CI") != "1"
 
 
 def wait_serving(client: RecommenderClient, proc: subprocess.Popen, timeout: float) -> None:
@@ -105,8 +124,8 @@ def talk(client: RecommenderClient, data: Path, metrics_port: int, n_users: int)
     near = client.recommend(10**12, k=10, recent=[new_id])
     print(f"nearest to new item {new_id} (unknown user folded in from it): "
           f"{[it.item_id for it in near.items]}")
-    hits = [u for u in range(info.users) if new_id in
-            [it.item_id for it in client.recommend(u, k=10).items]]
+    hits = users_who_get(new_id, range(info.users),
+                         lambda u: [it.item_id for it in client.recommend(u, k=10).items])
     print(f"new item {new_id} is in the top-10 of {len(hits)} of {info.users} users"
           + (f"; user {hits[0]}:" if hits else ""))
     if hits:
@@ -123,14 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="dataset directory (items.tsv)")
     p.add_argument("--users", type=int, default=3, help="users to show")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
+    p.add_argument("--no-wait", action="store_true", help="stop at once instead of waiting for "
+                   "Enter with the inspection page up")
     args = p.parse_args(argv)
     port, metrics_port = free_port(), free_port()
-    proc = start_server(args.bundles, port, metrics_port)
+    proc, page = start_server(args.bundles, args.data, port, metrics_port)
     try:
         with RecommenderClient(f"127.0.0.1:{port}", timeout=10.0) as client:
             wait_serving(client, proc, args.timeout)
             print(f"server SERVING on 127.0.0.1:{port}, metrics on :{metrics_port}")
             talk(client, args.data, metrics_port, args.users)
+        print(f"inspection page: {page} (a user: {page}user/0)", flush=True)
+        if interactive() and not args.no_wait:
+            try:
+                input("the server keeps running; press Enter to stop it ")
+            except (EOFError, KeyboardInterrupt):
+                print()
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from serve.rwlock import RWLock
 log = logging.getLogger(__name__)
 
 USER, RECENT, POPULAR = "user_vector", "recent_items", "popularity"
+NEAREST = "nearest"  # ServingModel.nearest, not a Recommend source
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,16 @@ class Recommendation:
     source: str              # USER, RECENT or POPULAR
     reason: str = ""         # why a fallback answered ("" for USER)
     recent_used: int = 0     # recorded / recent items folded into the query
+
+
+class Plan(NamedTuple):
+    """How recommend answers a query (ServingModel.plan)."""
+
+    vector: np.ndarray | None    # (d,) float32 query; None: the popularity fallback answers
+    excluded: np.ndarray         # (E,) int64 ids filtered out of the search
+    source: str                  # USER, RECENT or POPULAR
+    reason: str
+    used: int                    # recorded / recent items folded into the query
 
 
 def _ids_and_order(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +164,15 @@ class ServingModel:
 
     def recommend(self, q: Query) -> Recommendation:
         """Top-k for a validated query: user vector (with fold-in), recent items or popularity."""
+        plan = self.plan(q)
+        if plan.vector is None:
+            return self._popular(q.k, plan.excluded, plan.reason)
+        rec = self._search(plan.vector, q.k, plan.excluded, plan.source, plan.reason)
+        return Recommendation(rec.item_ids, rec.scores, plan.source, plan.reason, plan.used)
+
+    def plan(self, q: Query) -> Plan:
+        """What recommend(q) searches with: the query vector (None: popularity answers), the
+        excluded ids, the source and reason, and how many recent items were folded in."""
         row = self.user_row(q.user_id)
         recorded = self.online.items(q.user_id)  # (R,) oldest first
         if row is not None:
@@ -160,18 +181,35 @@ class ServingModel:
             recent, used = self._fold_in(recorded[-self.fold_in.items:]) if len(recorded) else (
                 None, 0)
             vec = blend(self.users[row], recent, used, self.fold_in, self.manifest.user_groups)
-            rec = self._search(vec, q.k, np.concatenate([seen, q.exclude]), USER)
-            return Recommendation(rec.item_ids, rec.scores, USER, "", used)
+            return Plan(vec, np.concatenate([seen, q.exclude]), USER, "", used)
         recent = np.concatenate([q.recent, recorded[-self.fold_in.items:]])
         excluded = np.concatenate([q.recent, recorded, q.exclude]) if q.exclude_seen else q.exclude
         if not len(recent):
-            return self._popular(q.k, excluded, "unknown user")
+            return Plan(None, excluded, POPULAR, "unknown user", 0)
         vec, used = self._fold_in(recent)
         if vec is None:
-            return self._popular(q.k, excluded, "unknown user; no recent item is in the index")
-        reason = f"unknown user; mean of {used} recent item vectors"
-        rec = self._search(vec, q.k, excluded, RECENT, reason)
-        return Recommendation(rec.item_ids, rec.scores, RECENT, reason, used)
+            return Plan(None, excluded, POPULAR, "unknown user; no recent item is in the index", 0)
+        return Plan(vec, excluded, RECENT, f"unknown user; mean of {used} recent item vectors",
+                    used)
+
+    def nearest(self, vec: np.ndarray, k: int, exclude: np.ndarray | None = None
+                ) -> Recommendation:
+        """The k live items nearest to a (d,) vector (inner product), minus `exclude`."""
+        excluded = np.empty(0, np.int64) if exclude is None else exclude
+        return self._search(np.asarray(vec, dtype=np.float32), k, excluded, NEAREST)
+
+    def item_vector(self, item_id: int) -> np.ndarray | None:
+        """The (d,) vector of a live item, or None when it is not in the index."""
+        with self._lock.read():
+            try:
+                return self.index.reconstruct(int(item_id))
+            except RuntimeError:
+                return None
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """The ids of the users the bundle knows, sorted (U,) int64."""
+        return self._user_sorted
 
     def _search(self, vec: np.ndarray, k: int, excluded: np.ndarray, source: str,
                 reason: str = "") -> Recommendation:

@@ -13,7 +13,8 @@ Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for ""
 stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING at once, calls keep being answered for
 `drain_seconds` (so load balancers see NOT_SERVING and move traffic away; a second signal cuts
 the drain short), then the watcher stops and `server.stop(grace)` refuses new calls and lets
-in-flight RPCs finish within `grace_seconds`.
+in-flight RPCs finish within `grace_seconds`. The inspection page (`ui_port`, serve.ui), when on,
+starts with the metrics endpoint, reads the holder's live model on every request and stops last.
 
 Hot reload and online writes (details in serve.reload and docs/events.md): UpsertItem,
 DeleteItem and RecordInteractions commit to the event store before they answer OK (SQLite under
@@ -45,12 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
+from serve.catalogue import Catalogue, CatalogueError
 from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
 from serve.online import FoldIn, Poller
 from serve.reload import ModelHolder, Watcher, build_model
 from serve.servicer import SERVICE_NAME, RecommenderServicer
+from serve.ui import InspectionServer, start_ui
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,10 @@ class ServerConfig(BaseModel):
     reuse_port: bool = Field(False, description="SO_REUSEPORT: several processes share the port")
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
+    ui_host: str = "127.0.0.1"
+    ui_port: int | None = Field(None, ge=0, le=65535, description="inspection page; None: off")
+    catalogue: Path | None = Field(None, description="MMRec items.tsv directory for the page's "
+                                   "item texts and images")
     limits: Limits = Field(default_factory=Limits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     fold_in: FoldIn = Field(default_factory=FoldIn)
@@ -102,8 +109,10 @@ class RunningServer:
 
     def __init__(self, server: grpc.Server, port: int, metrics_port: int | None,
                  holder: ModelHolder, watcher: Watcher, poller: Poller,
-                 health_servicer: health.HealthServicer, metrics: Metrics, grace: float):
+                 health_servicer: health.HealthServicer, metrics: Metrics, grace: float,
+                 ui: InspectionServer | None = None):
         self.server, self.port, self.metrics_port = server, port, metrics_port
+        self.ui, self.ui_port = ui, None if ui is None else ui.port
         self.holder, self.watcher, self.poller = holder, watcher, poller
         self.health, self.metrics = health_servicer, metrics
         self.grace = grace
@@ -136,6 +145,8 @@ class RunningServer:
         self.server.stop(self.grace if grace is None else grace).wait()
         self.holder.store.close()
         self.metrics.stop_http()
+        if self.ui is not None:
+            self.ui.stop()
         log.info("server stopped")
 
     def cut_drain(self) -> None:
@@ -200,10 +211,24 @@ def _health() -> health.HealthServicer:
     return servicer
 
 
+def _catalogue(cfg: ServerConfig) -> Catalogue:
+    """The inspection page's catalogue (empty without --catalogue); a bad one stops the start."""
+    if cfg.catalogue is None:
+        return Catalogue.empty()
+    if cfg.ui_port is None:
+        log.warning("--catalogue %s has no effect without --ui-port", cfg.catalogue)
+    try:
+        return Catalogue.load(cfg.catalogue)
+    except CatalogueError as err:
+        raise RuntimeError(str(err)) from err
+
+
 def start(cfg: ServerConfig) -> RunningServer:
     """Start the gRPC server, metrics endpoint, watcher and event poller; returns at once (not
     yet SERVING)."""
-    check_exposure(cfg.auth, cfg.host, None if cfg.metrics_port is None else cfg.metrics_host)
+    check_exposure(cfg.auth, cfg.host, None if cfg.metrics_port is None else cfg.metrics_host,
+                   None if cfg.ui_port is None else cfg.ui_host)
+    catalogue = _catalogue(cfg)
     auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
@@ -223,13 +248,22 @@ def start(cfg: ServerConfig) -> RunningServer:
     metrics_port = (None if cfg.metrics_port is None
                     else metrics.start_http(cfg.metrics_host, cfg.metrics_port, allow))
 
+    try:
+        ui = None if cfg.ui_port is None else start_ui(holder, catalogue, cfg.ui_host,
+                                                       cfg.ui_port, cfg.limits, metrics, allow)
+    except OSError as err:
+        metrics.stop_http()
+        holder.store.close()
+        raise RuntimeError(f"could not bind the inspection page on {cfg.ui_host}:{cfg.ui_port}: "
+                           f"{err}") from err
+
     def build(path: Path):
         return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
 
     watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
     poller = Poller(holder, metrics, cfg.poll_seconds)
     running = RunningServer(server, port, metrics_port, holder, watcher, poller, health_servicer,
-                            metrics, cfg.grace_seconds)
+                            metrics, cfg.grace_seconds, ui)
     watcher.on_swap = running.set_serving
     server.start()
     watcher.start()
