@@ -28,7 +28,7 @@ import numpy as np
 from index import ann
 from index import bundle as files
 from index.bundle import Bundle, BundleError, check_contents
-from index.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
+from index.preprocess import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
 from serve.limits import Query
@@ -69,7 +69,8 @@ def load_image_spec(bundle: Bundle) -> ImageSpec:
 
 
 def load_encoder(bundle: Bundle, threads: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ItemEncoder | None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float | None = DEFAULT_MAX_ASPECT) -> ItemEncoder | None:
     """The bundle's cold-start encoder, or None when it ships no towers and no attributes."""
     m, enc = bundle.manifest, bundle.manifest.encoder
     if enc is None or (enc.image_encoder is None and enc.text_encoder is None
@@ -84,7 +85,7 @@ def load_encoder(bundle: Bundle, threads: int = 1,
         text_inputs=enc.text_inputs, threads=threads,
         attributes_json=bundle.file(enc.attributes_file) if enc.attributes_file else None,
         attributes_head=bundle.file(enc.attributes_head) if enc.attributes_head else None)
-    encoder.max_pixels = max_pixels
+    encoder.max_pixels, encoder.max_aspect = max_pixels, max_aspect
     return encoder
 
 
@@ -114,7 +115,7 @@ class ServingModel:
     @classmethod
     def from_bundle(cls, bundle: Bundle, encoder_threads: int = 1,
                     max_pixels: int = DEFAULT_MAX_PIXELS,
-                    fold_in: FoldIn | None = None) -> ServingModel:
+                    max_aspect: float | None = DEFAULT_MAX_ASPECT, fold_in: FoldIn | None = None) -> ServingModel:
         """Load and cross-check every serving file of a verified bundle."""
         index = ann.load(bundle.file(files.ITEMS_INDEX), use_gpu=False)
         check_contents(bundle, index)  # the checks publish(verify=True) runs
@@ -128,7 +129,7 @@ class ServingModel:
         if bundle.has(files.SEEN_INDPTR) and bundle.has(files.SEEN_ITEMS):
             seen = (bundle.load_npy(files.SEEN_INDPTR).astype(np.int64),
                     bundle.load_npy(files.SEEN_ITEMS).astype(np.int64))
-        encoder = load_encoder(bundle, encoder_threads, max_pixels)
+        encoder = load_encoder(bundle, encoder_threads, max_pixels, max_aspect)
         return cls(bundle, users, user_ids, index, item_ids, popularity, seen, encoder, fold_in)
 
     @property

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
+from serve.encoding import EncodeLimits, EncodePool
 from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
@@ -80,6 +81,7 @@ class ServerConfig(BaseModel):
     faiss_threads: int = Field(1, ge=1)
     encoder_threads: int = Field(1, ge=1)
     limits: Limits = Field(default_factory=Limits)
+    encode: EncodeLimits = Field(default_factory=EncodeLimits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     fold_in: FoldIn = Field(default_factory=FoldIn)
 
@@ -134,6 +136,7 @@ class RunningServer:
         self.watcher.stop()
         self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
+        self.holder.encodes.shutdown()
         self.holder.store.close()
         self.metrics.stop_http()
         log.info("server stopped")
@@ -207,7 +210,7 @@ def start(cfg: ServerConfig) -> RunningServer:
     auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
-    holder = ModelHolder(open_event_store(cfg), metrics)
+    holder = ModelHolder(open_event_store(cfg), metrics, EncodePool(cfg.encode))
     pool = CountingPool(cfg.workers)
     gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
                 SERVICE_NAME, auth)
@@ -224,7 +227,8 @@ def start(cfg: ServerConfig) -> RunningServer:
                     else metrics.start_http(cfg.metrics_host, cfg.metrics_port, allow))
 
     def build(path: Path):
-        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
+        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in,
+                           cfg.limits.max_image_aspect)
 
     watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
     poller = Poller(holder, metrics, cfg.poll_seconds)

@@ -67,8 +67,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             check_item(request.image, request.text, self.limits)
             model = self.holder.require()
             model.require_encoder()
-            with self.metrics.encode_duration.time():
-                vec = model.encode(request.image, request.text)
+            vec = self.holder.encode(model, request.image, request.text)
             return pb.EncodeItemResponse(vector=vec.tolist(), model_version=model.version)
         return self._handle("EncodeItem", context, run)
 
