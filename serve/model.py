@@ -15,7 +15,8 @@ interaction counts aligned with item_ids (optional: without it the fallback foll
 order); `seen_indptr.npy` int64 (U+1,) and `seen_items.npy` int64 item ids, a CSR over the user
 rows (optional: without them nothing is "seen").
 
-Mutation (upsert/delete) takes the write side of a readers-writer lock, searches the read side.
+Mutation (upsert/delete) takes the write side of a readers-writer lock, searches the read side;
+both are O(1) (index.rows.RowMap: presence from an id -> row map, deletes tombstone in place).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from index import ann
 from index import bundle as files
 from index.bundle import Bundle, BundleError, check_contents
+from index.rows import RowMap
 from index.preprocess import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -106,8 +108,9 @@ class ServingModel:
         self._pop_scores = popularity[order].astype(np.float32)
         self._seen = seen
         self._lock = RWLock()
+        self.rows = RowMap(index)  # O(1) presence, deletes and overwrites (index.rows)
         self._deleted: set[int] = set()
-        self._deleted_arr = np.empty(0, dtype=np.int64)
+        self._deleted_arr: np.ndarray | None = np.empty(0, dtype=np.int64)  # None: stale
         self.n_items = ann.ntotal(index)
         self.upserts = self.deletes = 0
         self.loaded_at = datetime.now(timezone.utc)
@@ -185,13 +188,9 @@ class ServingModel:
 
     def _fold_in(self, recent: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Mean vector of the recent items present in the index, and how many there were."""
-        vectors = []
         with self._lock.read():
-            for item_id in np.unique(recent):
-                try:
-                    vectors.append(self.index.reconstruct(int(item_id)))
-                except RuntimeError:
-                    continue
+            vectors = [v for v in map(self.rows.vector, np.unique(recent).tolist())
+                       if v is not None]
         if not vectors:
             return None, 0
         vec = np.mean(vectors, axis=0).astype(np.float32)  # (d,)
@@ -202,7 +201,12 @@ class ServingModel:
 
     def _popular(self, k: int, excluded: np.ndarray, reason: str) -> Recommendation:
         """Most popular training items, minus exclusions and deleted items."""
-        banned = np.union1d(excluded, self._deleted_arr)
+        deleted = self._deleted_arr
+        if deleted is None:
+            with self._lock.read():  # the set changes under the write lock
+                deleted = np.fromiter(self._deleted, np.int64, len(self._deleted))
+            self._deleted_arr = deleted
+        banned = np.union1d(excluded, deleted)
         head = self._pop_ids[:k + len(banned)]
         keep = ~np.isin(head, banned)
         return Recommendation(head[keep][:k], self._pop_scores[:len(head)][keep][:k], POPULAR,
@@ -220,17 +224,13 @@ class ServingModel:
         return self.require_encoder().encode(image, text)
 
     def has_item(self, item_id: int) -> bool:
-        """Whether the item is live in the index (O(1) through the IDMap2 reverse map)."""
+        """Whether the item is live in the index (O(log N) through the RowMap)."""
         with self._lock.read():
             return self._has(item_id)
 
     def _has(self, item_id: int) -> bool:
         """has_item without taking the lock."""
-        try:
-            self.index.reconstruct(int(item_id))
-        except RuntimeError:
-            return False
-        return True
+        return self.rows.contains(item_id)
 
     def insert(self, item_id: int, vec: np.ndarray, overwrite: bool) -> bool:
         """Add an item vector; returns whether it replaced one (AlreadyExists unless overwrite)."""
@@ -238,10 +238,10 @@ class ServingModel:
             present = self._has(item_id)
             if present and not overwrite:
                 raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
-            ann.add(self.index, vec[None], np.array([item_id], dtype=np.int64))
+            self.rows.add(vec[None], np.array([item_id], dtype=np.int64))
             if item_id in self._deleted:
                 self._deleted.discard(item_id)
-                self._deleted_arr = np.fromiter(self._deleted, np.int64, len(self._deleted))
+                self._deleted_arr = None
             self.n_items += 0 if present else 1
             self.upserts += 1
         return present
@@ -249,10 +249,10 @@ class ServingModel:
     def remove(self, item_id: int) -> None:
         """Delete an item from the index; NotFound when it is not there."""
         with self._lock.write():
-            if ann.remove(self.index, np.array([item_id], dtype=np.int64)) == 0:
+            if self.rows.remove(np.array([item_id], dtype=np.int64)) == 0:
                 raise NotFound(f"item {item_id} is not in the index")
             self._deleted.add(item_id)
-            self._deleted_arr = np.fromiter(self._deleted, np.int64, len(self._deleted))
+            self._deleted_arr = None
             self.n_items -= 1
             self.deletes += 1
 
