@@ -29,6 +29,7 @@ import numpy as np
 from index import ann
 from index import bundle as files
 from index.bundle import Bundle, BundleError, check_contents
+from index.query import search_one
 from index.rows import RowMap
 from index.preprocess import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
@@ -159,12 +160,14 @@ class ServingModel:
         row = self.user_row(q.user_id)
         recorded = self.online.items(q.user_id)  # (R,) oldest first
         if row is not None:
-            seen = (np.concatenate([self.seen_items(row), recorded]) if q.exclude_seen
-                    else q.exclude[:0])
+            parts = [self.seen_items(row), recorded, q.exclude] if q.exclude_seen else [q.exclude]
+            parts = [p for p in parts if len(p)]
+            excluded = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+                        else q.exclude)
             recent, used = self._fold_in(recorded[-self.fold_in.items:]) if len(recorded) else (
                 None, 0)
             vec = blend(self.users[row], recent, used, self.fold_in, self.manifest.user_groups)
-            rec = self._search(vec, q.k, np.concatenate([seen, q.exclude]), USER)
+            rec = self._search(vec, q.k, excluded, USER)
             return Recommendation(rec.item_ids, rec.scores, USER, "", used)
         recent = np.concatenate([q.recent, recorded[-self.fold_in.items:]])
         excluded = np.concatenate([q.recent, recorded, q.exclude]) if q.exclude_seen else q.exclude
@@ -180,11 +183,9 @@ class ServingModel:
     def _search(self, vec: np.ndarray, k: int, excluded: np.ndarray, source: str,
                 reason: str = "") -> Recommendation:
         """Filtered top-k of one (d,) query vector."""
-        ex = [excluded] if len(excluded) else None
         with self._lock.read():
-            scores, ids = ann.search(self.index, vec[None], k, exclude=ex)  # (1, k)
-        keep = ids[0] >= 0
-        return Recommendation(ids[0][keep], scores[0][keep], source, reason)
+            scores, ids = search_one(self.index, vec, k, excluded)  # (n,), n <= k
+        return Recommendation(ids, scores, source, reason)
 
     def _fold_in(self, recent: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Mean vector of the recent items present in the index, and how many there were."""

@@ -128,7 +128,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _answer(self, model: ServingModel, query) -> pb.RecommendResponse:
         """Run a validated query and count its source."""
         rec = model.recommend(query)
-        self.metrics.sources.labels(source=rec.source).inc()
+        self.metrics.answered_by(rec.source)
         return to_response(rec, model.version)
 
     def _handle(self, method: str, context: grpc.ServicerContext, run: Callable):
