@@ -94,9 +94,9 @@ def single_calls(target: str) -> list[tuple[str, str, float]]:
     return rows
 
 
-def measure(label: str, bundles: Path, args, src: Path | None) -> dict:
+def measure(label: str, bundles: Path, args, src: Path | None, options: tuple = ()) -> dict:
     """Recommend alone, then under the flood, on one server."""
-    server = Server(bundles, src=src)
+    server = Server(bundles, *options, src=src)
     try:
         singles = single_calls(server.target)
         alone = recommend_probe(server.target, args.seconds, args.users)
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--flooders", type=int, default=8)
+    p.add_argument("--options", nargs="*", default=[], help="server option sets to add, each "
+                   "one quoted string, e.g. '--gil-switch-ms 0.5'")
     p.add_argument("--baseline-src", type=Path, help="source tree of the code to compare with")
     args = p.parse_args(argv)
     tmp = None
@@ -164,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
             n_users=args.users, n_items=args.items, dim=64, factory="HNSW32",
             items=clustered(args.items, 64, 1), users=clustered(args.users, 64, 2),
             search_params={"ef_search": 128}, seen_per_user=20))
-    runs = [("this tree", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
+    runs = [("this tree", None, ())] + [
+        (f"this tree {o}", None, tuple(o.split())) for o in args.options] + (
+        [("baseline", args.baseline_src, ())] if args.baseline_src else [])
     try:
-        results = [measure(label, args.bundles, args, src) for label, src in runs]
+        results = [measure(label, args.bundles, args, src, opts) for label, src, opts in runs]
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['rss0']:.0f} -> {r['peak']:.0f} | {r['alive']} | {r['alone']['load']}, "
               f"{r['under']['load']} |")
     print(f"\nbounded decode vs full decode: {decode_closeness()}")
-    bad = [r for r in results if r["label"] == "this tree" and (
+    bad = [r for r in results if r["label"].startswith("this tree") and (
         "INTERNAL" in r["codes"] or not r["alive"])]
     return 1 if bad else 0
 

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--encode-workers", type=int, default=1, help="item encodes run at a time "
                    "(low-priority threads)")
-    p.add_argument("--encode-queue", type=int, default=2, help="encodes admitted to wait; more "
+    p.add_argument("--encode-queue", type=int, default=8, help="encodes admitted to wait; more "
                    "are refused at once (RESOURCE_EXHAUSTED)")
     p.add_argument("--encode-max-wait", type=float, default=1.0,
                    help="seconds an admitted encode may wait before it is refused")

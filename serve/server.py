@@ -210,10 +210,12 @@ def start(cfg: ServerConfig) -> RunningServer:
     auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
-    holder = ModelHolder(open_event_store(cfg), metrics, EncodePool(cfg.encode))
-    pool = CountingPool(cfg.workers)
+    encodes = EncodePool(cfg.encode)
+    holder = ModelHolder(open_event_store(cfg), metrics, encodes)
+    # RPC threads waiting on encodes come on top of --workers, so other calls always have those
+    pool = CountingPool(cfg.workers + cfg.encode.workers + cfg.encode.queue)
     gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
-                SERVICE_NAME, auth)
+                SERVICE_NAME, auth, busy=lambda: encodes.full)
     server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
                                               server)
