@@ -81,7 +81,11 @@ def cases(good: bytes) -> list[tuple[str, str, object, str]]:
         ("PNG signature only", "EncodeItem", enc(image=good[:8]), INVALID),
         ("corrupted JPEG body", "EncodeItem", enc(image=bytes(jpeg)), INVALID),
         ("1x1 GIF", "EncodeItem", enc(image=image_bytes(Image.new("P", (1, 1)), "GIF")), OK),
-        ("1x20000 PNG", "EncodeItem", enc(image=image_bytes(Image.new("L", (1, 20_000)), "PNG")), OK),
+        ("1x20000 PNG (aspect over 20:1)", "EncodeItem", enc(image=image_bytes(Image.new("L", (1, 20_000)), "PNG")), INVALID),
+        ("1x100,000 PNG", "EncodeItem", enc(image=image_bytes(Image.new("L", (1, 100_000)), "PNG")), INVALID),
+        ("1x1,000,000 PNG", "EncodeItem", enc(image=image_bytes(Image.new("L", (1, 1_000_000)), "PNG")), INVALID),
+        ("7000x7000 PNG, 49 Mpx of ~160 KB", "EncodeItem", enc(image=image_bytes(Image.new("RGB", (7000, 7000), (200, 10, 10)), "PNG")), OK),
+        ("400x20 PNG (20:1)", "EncodeItem", enc(image=image_bytes(Image.new("RGB", (400, 20)), "PNG")), OK),
         ("CMYK TIFF", "EncodeItem", enc(image=image_bytes(Image.new("CMYK", (50, 40)), "TIFF")), OK),
         ("16-bit PNG", "EncodeItem", enc(image=image_bytes(Image.new("I;16", (30, 30)), "PNG")), OK),
         ("image 8 MiB + 1", "EncodeItem", enc(image=b"\0" * (8 * MIB + 1)), EXHAUSTED),
@@ -206,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             items_before = client.info().index_items
             good = png((10, 200, 10), (80, 60))
             print("| # | malformed input | RPC | expected | got |\n|---|---|---|---|---|")
-            rows = [(n, m, exp, call(client, m, r)) for n, m, r, exp in cases(good)]
+            rows = []
+            for n, m, r, exp in cases(good):
+                t = time.perf_counter()
+                got = call(client, m, r)
+                rows.append((f"{n} ({time.perf_counter() - t:.2f} s)", m, exp, got))
             rows += [(n, "(raw)", exp, got) for n, got, exp in raw_cases(client.channel)]
             for i, (name, method, exp, got) in enumerate(rows, 1):
                 failures += got != exp

@@ -72,7 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let several server processes listen on the same port (SO_REUSEPORT)")
     p.add_argument("--faiss-threads", type=int, default=1, help="OpenMP threads per search")
     p.add_argument("--encoder-threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--encode-workers", type=int, default=1, help="item encodes run at a time "
+                   "(low-priority threads)")
+    p.add_argument("--encode-queue", type=int, default=8, help="encodes admitted to wait; more "
+                   "are refused at once (RESOURCE_EXHAUSTED)")
+    p.add_argument("--encode-max-wait", type=float, default=1.0,
+                   help="seconds an admitted encode may wait before it is refused")
+    p.add_argument("--encode-nice", type=int, default=10, help="nice increment of encode threads")
     p.add_argument("--max-image-mib", type=float, default=8.0)
+    p.add_argument("--max-image-mpx", type=float, default=50.0, help="largest image, megapixels")
+    p.add_argument("--max-image-aspect", type=float, default=20.0,
+                   help="longest side / shortest side of an image")
     p.add_argument("--max-text-chars", type=int, default=20_000)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -93,8 +103,13 @@ def config_from_args(args: argparse.Namespace):
     from serve.online import FoldIn
     from serve.server import ServerConfig
 
+    from serve.encoding import EncodeLimits
+
     limits = Limits(max_image_bytes=int(args.max_image_mib * MIB),
-                    max_text_chars=args.max_text_chars)
+                    max_image_pixels=int(args.max_image_mpx * 1_000_000),
+                    max_image_aspect=args.max_image_aspect, max_text_chars=args.max_text_chars)
+    encode = EncodeLimits(workers=args.encode_workers, queue=args.encode_queue,
+                          max_wait=args.encode_max_wait, nice=args.encode_nice)
     return ServerConfig(
         bundles=args.bundles, state=args.state, store=args.store, host=args.host, port=args.port,
         metrics_host=args.metrics_host, fold_in=FoldIn(half=args.fold_in_half),
@@ -105,7 +120,8 @@ def config_from_args(args: argparse.Namespace):
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
         drain_seconds=args.drain_seconds,
         reuse_port=args.reuse_port, auth=auth_from_args(args),
-        faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits)
+        faiss_threads=args.faiss_threads, encoder_threads=args.encoder_threads, limits=limits,
+        encode=encode)
 
 
 def ui_url(host: str, port: int) -> str:

@@ -29,7 +29,8 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from index.attributes import AttributeHead, AttributesSpec
-from index.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageSpec, blank, preprocess
+from index.preprocess import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageError, ImageSpec,
+                              blank, preprocess)
 from serve.errors import InvalidArgument, refused_image
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class ItemEncoder:
         if (text_session is None) != (tokenizer is None):
             raise ValueError("the text tower needs its tokenizer")
         self.dim, self.normalize, self.max_pixels = dim, normalize, max_pixels
+        self.max_aspect: float | None = DEFAULT_MAX_ASPECT
         self.image_session, self.image_spec = image_session, image_spec
         self.text_session, self.tokenizer, self.text_inputs = text_session, tokenizer, text_inputs
         self.attributes = attributes
@@ -150,7 +152,7 @@ class ItemEncoder:
         if not self.has_text and not self.has_attributes and not image:
             raise InvalidArgument("this bundle encodes items from images only; image is required")
         try:
-            pixels = (preprocess(image, self.image_spec, self.max_pixels) if self.has_image
+            pixels = (preprocess(image, self.image_spec, self.max_pixels, self.max_aspect) if self.has_image
                       else None)
         except ImageError as err:
             raise refused_image(err) from err

@@ -7,6 +7,9 @@
 - more than `max_concurrent` calls of the Recommender service queued or running
   (`CountingPool.outstanding`, the count gRPC's own `maximum_concurrent_rpcs` keeps, which
   stays off so that this one place answers and counts): RESOURCE_EXHAUSTED;
+- an item encode (EncodeItem, UpsertItem) while the encode pool is full (`busy`, serve.encoding):
+  RESOURCE_EXHAUSTED before the message is parsed, so a client that loops on refusals costs as
+  little as a refused call can;
 - a message over `max_message_bytes`: RESOURCE_EXHAUSTED; bytes that are not a valid protobuf
   message: INVALID_ARGUMENT.
 Each refusal is recorded in `recsys_requests_total{method,code}` and
@@ -25,6 +28,7 @@ import grpc
 from serve.metrics import Metrics
 
 UNKNOWN_METHOD = "unknown"
+ENCODING_METHODS = frozenset({"EncodeItem", "UpsertItem"})
 
 
 class CountingPool(futures.ThreadPoolExecutor):
@@ -67,10 +71,11 @@ class Gate(grpc.ServerInterceptor):
     """Refuses (and counts) unknown methods, unauthorised calls, overload, bad messages."""
 
     def __init__(self, metrics: Metrics, pool: CountingPool, max_concurrent: int,
-                 max_message_bytes: int, limited_service: str, check: Check | None = None):
+                 max_message_bytes: int, limited_service: str, check: Check | None = None,
+                 busy: Callable[[], bool] | None = None):
         self.metrics, self.pool, self.max_concurrent = metrics, pool, max_concurrent
         self.max_message_bytes, self.limited = max_message_bytes, f"/{limited_service}/"
-        self.check = check
+        self.check, self.busy = check, busy
 
     def intercept_service(self, continuation, details):
         """The handler to run: the real one (wrapped) or one that answers a refusal."""
@@ -84,6 +89,9 @@ class Gate(grpc.ServerInterceptor):
         limited = details.method.startswith(self.limited)
         if refusal is None and limited and self.pool.outstanding >= self.max_concurrent:
             refusal = Refusal("RESOURCE_EXHAUSTED", "too many concurrent requests; retry later")
+        if (refusal is None and limited and method in ENCODING_METHODS and self.busy is not None
+                and self.busy()):
+            refusal = Refusal("RESOURCE_EXHAUSTED", "all item encoders are busy; retry later")
         if refusal is not None:
             return _refusing(handler, refusal, self._abort(method, refusal, start))
         if limited and not (handler.request_streaming or handler.response_streaming):

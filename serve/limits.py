@@ -2,7 +2,8 @@
 
 Documented statuses (the servicer maps the error classes to gRPC codes):
 - k outside 1..max_k, negative ids, too many exclude/recent ids or batch requests, an item with
-  neither image nor text, an undecodable image; RecordInteractions with no or too many item ids,
+  neither image nor text, an undecodable image or one longer than `max_image_aspect` times its
+  width (checked from the header); RecordInteractions with no or too many item ids,
   timestamps that do not match them one to one or are negative, an over-long kind or request
   id: INVALID_ARGUMENT;
 - image bytes over `max_image_bytes`, image pixels over `max_image_pixels`, text over
@@ -32,6 +33,7 @@ class Limits(BaseModel):
     max_batch: int = Field(256, ge=1)
     max_image_bytes: int = Field(8 * MIB, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_image_aspect: float = Field(20.0, ge=1, description="longest / shortest side")
     max_text_chars: int = Field(20_000, ge=0)
     max_interactions: int = Field(1000, ge=1)
     max_request_id_chars: int = Field(128, ge=1)

@@ -76,12 +76,26 @@ class Metrics:
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self._http = None
+        self._children: dict[tuple[str, str], tuple] = {}
+        self._sources: dict[str, Counter] = {}
         self._info_labels: tuple[str, ...] | None = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        """Record one finished RPC."""
-        self.request_duration.labels(method=method, code=code).observe(seconds)
-        self.requests.labels(method=method, code=code).inc()
+        """Record one finished RPC (label children cached: labels() costs ~10 us a call)."""
+        children = self._children.get((method, code))
+        if children is None:
+            children = (self.request_duration.labels(method=method, code=code),
+                        self.requests.labels(method=method, code=code))
+            self._children[(method, code)] = children
+        children[0].observe(seconds)
+        children[1].inc()
+
+    def answered_by(self, source: str) -> None:
+        """Count a Recommend answer by its query source."""
+        child = self._sources.get(source)
+        if child is None:
+            child = self._sources[source] = self.sources.labels(source=source)
+        child.inc()
 
     def loaded(self, model) -> None:
         """Export the gauges of the model now served."""

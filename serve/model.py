@@ -15,7 +15,8 @@ interaction counts aligned with item_ids (optional: without it the fallback foll
 order); `seen_indptr.npy` int64 (U+1,) and `seen_items.npy` int64 item ids, a CSR over the user
 rows (optional: without them nothing is "seen").
 
-Mutation (upsert/delete) takes the write side of a readers-writer lock, searches the read side.
+Mutation (upsert/delete) takes the write side of a readers-writer lock, searches the read side;
+both are O(1) (index.rows.RowMap: presence from an id -> row map, deletes tombstone in place).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ import numpy as np
 from index import ann
 from index import bundle as files
 from index.bundle import Bundle, BundleError, check_contents
-from index.preprocess import DEFAULT_MAX_PIXELS, ImageSpec
+from index.query import search_one
+from index.rows import RowMap
+from index.preprocess import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageSpec
 from serve.encoder import ItemEncoder
 from serve.errors import AlreadyExists, FailedPrecondition, NotFound
 from serve.limits import Query
@@ -81,7 +84,8 @@ def load_image_spec(bundle: Bundle) -> ImageSpec:
 
 
 def load_encoder(bundle: Bundle, threads: int = 1,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> ItemEncoder | None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect: float | None = DEFAULT_MAX_ASPECT) -> ItemEncoder | None:
     """The bundle's cold-start encoder, or None when it ships no towers and no attributes."""
     m, enc = bundle.manifest, bundle.manifest.encoder
     if enc is None or (enc.image_encoder is None and enc.text_encoder is None
@@ -96,7 +100,7 @@ def load_encoder(bundle: Bundle, threads: int = 1,
         text_inputs=enc.text_inputs, threads=threads,
         attributes_json=bundle.file(enc.attributes_file) if enc.attributes_file else None,
         attributes_head=bundle.file(enc.attributes_head) if enc.attributes_head else None)
-    encoder.max_pixels = max_pixels
+    encoder.max_pixels, encoder.max_aspect = max_pixels, max_aspect
     return encoder
 
 
@@ -117,8 +121,9 @@ class ServingModel:
         self._pop_scores = popularity[order].astype(np.float32)
         self._seen = seen
         self._lock = RWLock()
+        self.rows = RowMap(index)  # O(1) presence, deletes and overwrites (index.rows)
         self._deleted: set[int] = set()
-        self._deleted_arr = np.empty(0, dtype=np.int64)
+        self._deleted_arr: np.ndarray | None = np.empty(0, dtype=np.int64)  # None: stale
         self.n_items = ann.ntotal(index)
         self.upserts = self.deletes = 0
         self.loaded_at = datetime.now(timezone.utc)
@@ -126,7 +131,7 @@ class ServingModel:
     @classmethod
     def from_bundle(cls, bundle: Bundle, encoder_threads: int = 1,
                     max_pixels: int = DEFAULT_MAX_PIXELS,
-                    fold_in: FoldIn | None = None) -> ServingModel:
+                    max_aspect: float | None = DEFAULT_MAX_ASPECT, fold_in: FoldIn | None = None) -> ServingModel:
         """Load and cross-check every serving file of a verified bundle."""
         index = ann.load(bundle.file(files.ITEMS_INDEX), use_gpu=False)
         check_contents(bundle, index)  # the checks publish(verify=True) runs
@@ -140,7 +145,7 @@ class ServingModel:
         if bundle.has(files.SEEN_INDPTR) and bundle.has(files.SEEN_ITEMS):
             seen = (bundle.load_npy(files.SEEN_INDPTR).astype(np.int64),
                     bundle.load_npy(files.SEEN_ITEMS).astype(np.int64))
-        encoder = load_encoder(bundle, encoder_threads, max_pixels)
+        encoder = load_encoder(bundle, encoder_threads, max_pixels, max_aspect)
         return cls(bundle, users, user_ids, index, item_ids, popularity, seen, encoder, fold_in)
 
     @property
@@ -176,12 +181,14 @@ class ServingModel:
         row = self.user_row(q.user_id)
         recorded = self.online.items(q.user_id)  # (R,) oldest first
         if row is not None:
-            seen = (np.concatenate([self.seen_items(row), recorded]) if q.exclude_seen
-                    else q.exclude[:0])
+            parts = [self.seen_items(row), recorded, q.exclude] if q.exclude_seen else [q.exclude]
+            parts = [p for p in parts if len(p)]
+            excluded = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+                        else q.exclude)
             recent, used = self._fold_in(recorded[-self.fold_in.items:]) if len(recorded) else (
                 None, 0)
             vec = blend(self.users[row], recent, used, self.fold_in, self.manifest.user_groups)
-            return Plan(vec, np.concatenate([seen, q.exclude]), USER, "", used)
+            return Plan(vec, excluded, USER, "", used)
         recent = np.concatenate([q.recent, recorded[-self.fold_in.items:]])
         excluded = np.concatenate([q.recent, recorded, q.exclude]) if q.exclude_seen else q.exclude
         if not len(recent):
@@ -201,10 +208,7 @@ class ServingModel:
     def item_vector(self, item_id: int) -> np.ndarray | None:
         """The (d,) vector of a live item, or None when it is not in the index."""
         with self._lock.read():
-            try:
-                return self.index.reconstruct(int(item_id))
-            except RuntimeError:
-                return None
+            return self.rows.vector(int(item_id))
 
     @property
     def user_ids(self) -> np.ndarray:
@@ -214,21 +218,15 @@ class ServingModel:
     def _search(self, vec: np.ndarray, k: int, excluded: np.ndarray, source: str,
                 reason: str = "") -> Recommendation:
         """Filtered top-k of one (d,) query vector."""
-        ex = [excluded] if len(excluded) else None
         with self._lock.read():
-            scores, ids = ann.search(self.index, vec[None], k, exclude=ex)  # (1, k)
-        keep = ids[0] >= 0
-        return Recommendation(ids[0][keep], scores[0][keep], source, reason)
+            scores, ids = search_one(self.index, vec, k, excluded)  # (n,), n <= k
+        return Recommendation(ids, scores, source, reason)
 
     def _fold_in(self, recent: np.ndarray) -> tuple[np.ndarray | None, int]:
         """Mean vector of the recent items present in the index, and how many there were."""
-        vectors = []
         with self._lock.read():
-            for item_id in np.unique(recent):
-                try:
-                    vectors.append(self.index.reconstruct(int(item_id)))
-                except RuntimeError:
-                    continue
+            vectors = [v for v in map(self.rows.vector, np.unique(recent).tolist())
+                       if v is not None]
         if not vectors:
             return None, 0
         vec = np.mean(vectors, axis=0).astype(np.float32)  # (d,)
@@ -239,7 +237,12 @@ class ServingModel:
 
     def _popular(self, k: int, excluded: np.ndarray, reason: str) -> Recommendation:
         """Most popular training items, minus exclusions and deleted items."""
-        banned = np.union1d(excluded, self._deleted_arr)
+        deleted = self._deleted_arr
+        if deleted is None:
+            with self._lock.read():  # the set changes under the write lock
+                deleted = np.fromiter(self._deleted, np.int64, len(self._deleted))
+            self._deleted_arr = deleted
+        banned = np.union1d(excluded, deleted)
         head = self._pop_ids[:k + len(banned)]
         keep = ~np.isin(head, banned)
         return Recommendation(head[keep][:k], self._pop_scores[:len(head)][keep][:k], POPULAR,
@@ -257,17 +260,13 @@ class ServingModel:
         return self.require_encoder().encode(image, text)
 
     def has_item(self, item_id: int) -> bool:
-        """Whether the item is live in the index (O(1) through the IDMap2 reverse map)."""
+        """Whether the item is live in the index (O(log N) through the RowMap)."""
         with self._lock.read():
             return self._has(item_id)
 
     def _has(self, item_id: int) -> bool:
         """has_item without taking the lock."""
-        try:
-            self.index.reconstruct(int(item_id))
-        except RuntimeError:
-            return False
-        return True
+        return self.rows.contains(item_id)
 
     def insert(self, item_id: int, vec: np.ndarray, overwrite: bool) -> bool:
         """Add an item vector; returns whether it replaced one (AlreadyExists unless overwrite)."""
@@ -275,10 +274,10 @@ class ServingModel:
             present = self._has(item_id)
             if present and not overwrite:
                 raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
-            ann.add(self.index, vec[None], np.array([item_id], dtype=np.int64))
+            self.rows.add(vec[None], np.array([item_id], dtype=np.int64))
             if item_id in self._deleted:
                 self._deleted.discard(item_id)
-                self._deleted_arr = np.fromiter(self._deleted, np.int64, len(self._deleted))
+                self._deleted_arr = None
             self.n_items += 0 if present else 1
             self.upserts += 1
         return present
@@ -286,10 +285,10 @@ class ServingModel:
     def remove(self, item_id: int) -> None:
         """Delete an item from the index; NotFound when it is not there."""
         with self._lock.write():
-            if ann.remove(self.index, np.array([item_id], dtype=np.int64)) == 0:
+            if self.rows.remove(np.array([item_id], dtype=np.int64)) == 0:
                 raise NotFound(f"item {item_id} is not in the index")
             self._deleted.add(item_id)
-            self._deleted_arr = np.fromiter(self._deleted, np.int64, len(self._deleted))
+            self._deleted_arr = None
             self.n_items -= 1
             self.deletes += 1
 

@@ -41,6 +41,7 @@ from index import events as ev
 from index.bundle import current_version, load_bundle
 from index.events import Batch, Event, SQLStore, StoreError
 from serve.errors import AlreadyExists, InvalidArgument, NotFound, ServeError, Unavailable
+from serve.encoding import EncodePool
 from serve.errors import refused_write
 from serve.metrics import Metrics
 from serve.model import ServingModel
@@ -62,11 +63,22 @@ class Written:
 class ModelHolder:
     """The live model reference, the mutation lock and the event store."""
 
-    def __init__(self, store: SQLStore, metrics: Metrics | None = None):
+    def __init__(self, store: SQLStore, metrics: Metrics | None = None,
+                 encodes: EncodePool | None = None):
         self.model: ServingModel | None = None
         self.name: str | None = None
         self.store, self.metrics = store, metrics or Metrics()
+        self.encodes = encodes or EncodePool()
         self.mutation_lock = threading.Lock()
+
+    def encode(self, model: ServingModel, image: bytes, text: str) -> np.ndarray:
+        """A request's item vector, encoded on the bounded encode pool (serve.encoding)."""
+        return self.encodes.run(self._timed_encode, model, image, text)
+
+    def _timed_encode(self, model: ServingModel, image: bytes, text: str) -> np.ndarray:
+        """model.encode, timed in recsys_encode_duration_seconds."""
+        with self.metrics.encode_duration.time():
+            return model.encode(image, text)
 
     def require(self) -> ServingModel:
         """The live model, or Unavailable before the first bundle is loaded."""
@@ -86,8 +98,7 @@ class ModelHolder:
             model = self.require()
             if not overwrite and model.has_item(item_id):
                 raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
-            with self.metrics.encode_duration.time():
-                vec = model.encode(image, text)
+            vec = self.encode(model, image, text)
             with self.mutation_lock:
                 if self.model is not model:
                     continue  # swapped while encoding: encode again with the new model
@@ -362,7 +373,9 @@ class Watcher:
 
 
 def build_model(path: Path, encoder_threads: int = 1, max_pixels: int | None = None,
-                fold_in: FoldIn | None = None) -> ServingModel:
+                fold_in: FoldIn | None = None, max_aspect: float | None = None) -> ServingModel:
     """Verify a bundle directory and load it as a ServingModel."""
     kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+    if max_aspect is not None:
+        kwargs["max_aspect"] = max_aspect
     return ServingModel.from_bundle(load_bundle(path), encoder_threads, fold_in=fold_in, **kwargs)

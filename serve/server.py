@@ -47,6 +47,7 @@ from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
 from serve.catalogue import Catalogue, CatalogueError
+from serve.encoding import EncodeLimits, EncodePool
 from serve.guard import CountingPool, Gate
 from serve.limits import MIB, Limits
 from serve.metrics import Metrics
@@ -87,6 +88,7 @@ class ServerConfig(BaseModel):
     catalogue: Path | None = Field(None, description="MMRec items.tsv directory for the page's "
                                    "item texts and images")
     limits: Limits = Field(default_factory=Limits)
+    encode: EncodeLimits = Field(default_factory=EncodeLimits)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     fold_in: FoldIn = Field(default_factory=FoldIn)
 
@@ -143,6 +145,7 @@ class RunningServer:
         self.watcher.stop()
         self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
+        self.holder.encodes.shutdown()
         self.holder.store.close()
         self.metrics.stop_http()
         if self.ui is not None:
@@ -232,10 +235,12 @@ def start(cfg: ServerConfig) -> RunningServer:
     auth = _authenticator(cfg.auth)
     faiss.omp_set_num_threads(cfg.faiss_threads)
     metrics = Metrics()
-    holder = ModelHolder(open_event_store(cfg), metrics)
-    pool = CountingPool(cfg.workers)
+    encodes = EncodePool(cfg.encode)
+    holder = ModelHolder(open_event_store(cfg), metrics, encodes)
+    # RPC threads waiting on encodes come on top of --workers, so other calls always have those
+    pool = CountingPool(cfg.workers + cfg.encode.workers + cfg.encode.queue)
     gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
-                SERVICE_NAME, auth)
+                SERVICE_NAME, auth, busy=lambda: encodes.full)
     server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
                                               server)
@@ -258,7 +263,8 @@ def start(cfg: ServerConfig) -> RunningServer:
                            f"{err}") from err
 
     def build(path: Path):
-        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in)
+        return build_model(path, cfg.encoder_threads, cfg.limits.max_image_pixels, cfg.fold_in,
+                           cfg.limits.max_image_aspect)
 
     watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
     poller = Poller(holder, metrics, cfg.poll_seconds)

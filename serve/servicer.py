@@ -67,8 +67,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             check_item(request.image, request.text, self.limits)
             model = self.holder.require()
             model.require_encoder()
-            with self.metrics.encode_duration.time():
-                vec = model.encode(request.image, request.text)
+            vec = self.holder.encode(model, request.image, request.text)
             return pb.EncodeItemResponse(vector=vec.tolist(), model_version=model.version)
         return self._handle("EncodeItem", context, run)
 
@@ -129,7 +128,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def _answer(self, model: ServingModel, query) -> pb.RecommendResponse:
         """Run a validated query and count its source."""
         rec = model.recommend(query)
-        self.metrics.sources.labels(source=rec.source).inc()
+        self.metrics.answered_by(rec.source)
         return to_response(rec, model.version)
 
     def _handle(self, method: str, context: grpc.ServicerContext, run: Callable):

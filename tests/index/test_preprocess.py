@@ -55,7 +55,8 @@ def test_parity_with_training(fields):
         for fmt in ("PNG", "WEBP") if img.mode in ("RGB", "RGBA", "L") else ("PNG",):
             data = _bytes(img, fmt)
             expected = tp.preprocess_image(data, theirs)
-            if expected is None:  # training substitutes a blank; serving refuses the image
+            thin = max(img.size) > sp.DEFAULT_MAX_ASPECT * min(img.size)
+            if expected is None or thin:  # training blanks (or keeps) it; serving refuses it
                 with pytest.raises(ImageError):
                     sp.preprocess(data, ours)
                 continue
@@ -113,5 +114,39 @@ def test_extreme_aspect_ratio_is_refused_before_the_resize(shape):
 
 
 def test_ordinary_aspect_ratios_still_pass():
-    for shape in ((7000, 70), (300, 3000), (224, 224)):
+    for shape in ((7000, 350), (300, 3000), (224, 224)):
         assert sp.preprocess(_bytes(Image.new("RGB", shape)), SPEC).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("shape", [(7001, 350), (20, 401), (1, 21)])
+def test_aspect_over_the_limit_is_refused_from_the_header(shape, monkeypatch):
+    def never(_img):
+        raise AssertionError("decoded")
+    monkeypatch.setattr(sp, "_load", never)
+    with pytest.raises(ImageError, match="aspect ratio over the limit of 20:1") as err:
+        sp.preprocess(_bytes(Image.new("L", shape)), SPEC)
+    assert not isinstance(err.value, ImageTooLarge)
+    monkeypatch.undo()
+    assert sp.preprocess(_bytes(Image.new("L", shape)), SPEC, max_aspect=None).shape == (3, 224, 224)
+
+
+def _natural(w: int, h: int) -> Image.Image:
+    """A smooth large image (upsampled noise), closer to a photo than white noise."""
+    return _noise(w // 50, h // 50, seed=11).resize((w, h), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_large_images_decode_shrunk_and_close_to_the_full_path(fmt):
+    data = _bytes(_natural(3000, 2000), fmt)
+    img = sp.decode_for(data, SPEC)
+    assert img.width * img.height < 3000 * 2000 / 3           # draft (JPEG) or reduce (PNG)
+    assert min(img.size) >= sp.KEEP_FACTOR * 224
+    full = sp.transform(sp.decode(data), SPEC)
+    fast = sp.preprocess(data, SPEC)
+    cos = float((full * fast).sum() / np.linalg.norm(full) / np.linalg.norm(fast))
+    assert cos > 0.999 and np.abs(full - fast).max() < 0.3
+
+
+def test_small_images_take_the_exact_path():
+    data = _bytes(_noise(1000, 1000), "JPEG")
+    np.testing.assert_array_equal(sp.preprocess(data, SPEC), sp.transform(sp.decode(data), SPEC))

@@ -73,3 +73,39 @@ def test_oversized_undecodable_unknown_counted(slow_server):
     assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert counted(slow_server, "EncodeItem") == {"RESOURCE_EXHAUSTED": 1, "INVALID_ARGUMENT": 1}
     assert counted(slow_server, "unknown") == {"UNIMPLEMENTED": 1}
+
+
+def test_encode_flood_refused_and_counted_while_recommend_answers(bundle_v1, tmp_path):
+    from serve.encoding import EncodeLimits
+
+    server = serve(bundle_v1.parent, port=0, state=tmp_path, workers=2, poll_seconds=0.1,
+                   encode=EncodeLimits(workers=1, queue=1, max_wait=5))
+    assert server.wait_ready(10)
+    model = server.holder.model
+    real = model.encode
+
+    def slow(image, text):
+        time.sleep(0.3)
+        return real(image, text)
+
+    model.encode = slow
+    try:
+        with RecommenderClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            calls = [client.stub.EncodeItem.future(pb.EncodeItemRequest(text="red shoe"),
+                                                   timeout=30) for _ in range(8)]
+            time.sleep(0.1)
+            start = time.perf_counter()
+            assert client.recommend(10, 5).items
+            assert time.perf_counter() - start < 0.25     # not behind the encodes
+            seen = Counter()
+            for call in calls:
+                try:
+                    call.result()
+                    seen["OK"] += 1
+                except grpc.RpcError as err:
+                    seen[err.code().name] += 1
+        assert seen["OK"] >= 2 and seen["RESOURCE_EXHAUSTED"] >= 4
+        assert seen["OK"] + seen["RESOURCE_EXHAUSTED"] == 8
+        assert counted(server, "EncodeItem") == dict(seen)
+    finally:
+        server.stop(0)
