@@ -2,8 +2,10 @@
 
 Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, base units,
 `_total` counters, no per-user labels.
-- `recsys_request_duration_seconds{method,code}` histogram and `recsys_requests_total{method,code}`
-  per RPC and gRPC status code name (calls refused before a handler too: serve.guard);
+- `recsys_request_duration_seconds{method,code,arm}` histogram and
+  `recsys_requests_total{method,code,arm}` per RPC, gRPC status code name and experiment arm
+  (`none` outside an experiment and for calls that are not Recommend / RecommendBatch; calls
+  refused before a handler too: serve.guard);
 - `recsys_index_items` live items, `recsys_model_version` and `recsys_build_info{model_version,
   backbone,faiss_factory} 1` of the bundle being served;
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
@@ -15,6 +17,10 @@ Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, ba
   `recsys_store_skipped_total{reason="damaged|unencodable"}` events skipped,
   `recsys_store_errors_total{op="write|read"}` store failures (writes answered UNAVAILABLE or
   RESOURCE_EXHAUSTED, polls that failed);
+- `recsys_experiment_info{experiment,arm,model_version} 1` per live arm,
+  `recsys_experiment_loads_total{result}` experiments taken up or refused,
+  `recsys_impressions_total{result="queued|written|dropped|failed"}` and
+  `recsys_impression_queue` the impression log (serve.impressions);
 - `process_*` (resident memory, CPU) from prometheus_client's process collector.
 """
 from __future__ import annotations
@@ -43,10 +49,10 @@ class Metrics:
         self.registry = reg = registry or CollectorRegistry()
         ProcessCollector(registry=reg)
         self.request_duration = Histogram(
-            "recsys_request_duration_seconds", "RPC latency by method and status code",
-            ["method", "code"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.requests = Counter("recsys_requests", "RPCs by method and status code",
-                                ["method", "code"], registry=reg)
+            "recsys_request_duration_seconds", "RPC latency by method, status code and arm",
+            ["method", "code", "arm"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.requests = Counter("recsys_requests", "RPCs by method, status code and arm",
+                                ["method", "code", "arm"], registry=reg)
         self.index_items = Gauge("recsys_index_items", "Items live in the index", registry=reg)
         self.model_version = Gauge("recsys_model_version", "Bundle version served", registry=reg)
         self.build_info = Gauge("recsys_build_info", "Bundle served (value 1)",
@@ -69,6 +75,19 @@ class Metrics:
                                      ["reason"], registry=reg)
         self.store_errors = Counter("recsys_store_errors", "Event-store failures by operation",
                                     ["op"], registry=reg)
+        self.experiment_info = Gauge("recsys_experiment_info", "Live experiment arms (value 1)",
+                                     ["experiment", "arm", "model_version"], registry=reg)
+        self.experiment_loads = Counter("recsys_experiment_loads",
+                                        "Experiments taken up or refused", ["result"],
+                                        registry=reg)
+        self.impressions = Counter("recsys_impressions", "Experiment impressions by outcome",
+                                   ["result"], registry=reg)
+        self.impression_queue = Gauge("recsys_impression_queue", "Impressions waiting to be "
+                                      "written", registry=reg)
+        for result in ("queued", "written", "dropped", "failed"):
+            self.impressions.labels(result=result)
+        for result in ("success", "failure"):
+            self.experiment_loads.labels(result=result)
         for reason in ("damaged", "unencodable"):
             self.store_skipped.labels(reason=reason)
         for op in ("write", "read"):
@@ -78,10 +97,16 @@ class Metrics:
         self._http = None
         self._info_labels: tuple[str, ...] | None = None
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
+    def observe(self, method: str, code: str, seconds: float, arm: str = "none") -> None:
         """Record one finished RPC."""
-        self.request_duration.labels(method=method, code=code).observe(seconds)
-        self.requests.labels(method=method, code=code).inc()
+        self.request_duration.labels(method=method, code=code, arm=arm).observe(seconds)
+        self.requests.labels(method=method, code=code, arm=arm).inc()
+
+    def arms(self, experiment: str | None, versions: dict[str, int]) -> None:
+        """Export the live experiment's arms (none: clear them)."""
+        self.experiment_info.clear()
+        for arm, version in versions.items():
+            self.experiment_info.labels(experiment or "", arm, str(version)).set(1)
 
     def loaded(self, model) -> None:
         """Export the gauges of the model now served."""
