@@ -186,8 +186,11 @@ def sampled(cfg: ExperimentConfig, user_id: int) -> bool:
 
 def _errors(err: ValidationError) -> str:
     """Pydantic's errors as 'field: message' lines."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                     for e in err.errors())
+    parts = []
+    for e in err.errors():
+        where, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 def parse_config(data: dict, source: str = "config") -> ExperimentConfig:
