@@ -2,11 +2,12 @@
 promote while the load runs, with no failed call.
 
     python -m bench.experiment_load [--items 20000] [--users 2000] [--dim 64] [--seconds 8]
-                                    [--conns 4] [--streams 4]
+                                    [--conns 4] [--streams 4] [--rounds 3]
 
 Two synthetic bundles (bench.bundle_factory, Flat index) in one bundles directory; one
-`python -m serve` process; h2load posts Recommend for 8 users spread over both arms. Phase 1:
-one bundle. Phase 2: experiment running (50/50, every impression logged). Phase 3: a longer run
+`python -m serve` process; h2load posts Recommend for 8 users spread over both arms. Phases 1
+and 2, interleaved `--rounds` times: one bundle; an experiment running (50/50, every
+impression logged). Phase 3: a longer run
 during which `serve.experiment start`, `stop`, `start` and `promote` are run one after the other
 (each with --wait). Failures are counted both by h2load and by the server's
 `recsys_requests_total{method="Recommend"}` (any code but OK is a failure).
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--conns", type=int, default=4)
     p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="one/two-bundle rounds, interleaved")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "experiment_load")
     args = p.parse_args(argv)
     args.h2load_warmup = 1.0
@@ -83,11 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         with procs.client(port) as c:
             procs.wait_serving(c, proc)
         args.h2load_seconds = args.seconds
-        rows.append(("one bundle", run_h2load(target, bodies, args.conns, args.streams, args)))
-        cli(bundles, target, "start", "--config", str(write_config(bundles / "w.yaml", "warm")))
-        rows.append(("two bundles (experiment)",
-                     run_h2load(target, bodies, args.conns, args.streams, args)))
-        cli(bundles, target, "stop")
+        for round_ in range(1, args.rounds + 1):  # interleaved: the machine's load drifts
+            rows.append((f"one bundle, round {round_}",
+                         run_h2load(target, bodies, args.conns, args.streams, args)))
+            cli(bundles, target, "start", "--config",
+                str(write_config(bundles / "w.yaml", f"warm{round_}")))
+            rows.append((f"two bundles (experiment), round {round_}",
+                         run_h2load(target, bodies, args.conns, args.streams, args)))
+            cli(bundles, target, "stop")
         ops: list = []
         worker = threading.Thread(target=operations, args=(bundles, target, ops, 1.5))
         args.h2load_seconds = args.seconds * 2.5
@@ -104,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for name, r in rows:
         print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['failed']} |")
+    for label in ("one bundle", "two bundles"):
+        p99 = sorted(r["p99"] for n, r in rows if n.startswith(label))
+        rps = sorted(r["rps"] for n, r in rows if n.startswith(label))
+        print(f"median of the rounds, {label}: p99 {p99[len(p99) // 2]:.2f} ms, "
+              f"{rps[len(rps) // 2]:.0f} req/s")
     print(f"\noperations during the last phase (seconds, each until the server reported it): "
           + ", ".join(f"{n} {s:.2f}" for n, s in ops))
     print(f"server's Recommend counts by code: {codes}")
