@@ -43,7 +43,7 @@ def export(run: Path, bundles: Path, publish: bool) -> str:
     return next(w for w in out.split() if w.startswith("v") and w[1:].isdigit())
 
 
-def test_items(path: Path) -> dict[int, set[int]]:
+def held_out_items(path: Path) -> dict[int, set[int]]:
     """{user: test items} of an MMRec .inter file (x_label 2)."""
     rows = np.loadtxt(path, delimiter="\t", skiprows=1, usecols=(0, 1, 4), dtype=np.int64)
     out: dict[int, set[int]] = {}
@@ -120,7 +120,7 @@ def run(args) -> dict:
             while c.info().experiment != "sim":
                 time.sleep(0.1)
         start = time.perf_counter()
-        counts = simulate(port, test_items(DATA), args.k)
+        counts = simulate(port, held_out_items(DATA), args.k)
         elapsed = time.perf_counter() - start
         time.sleep(1.0)  # let the impression log flush
         status = subprocess.run(

@@ -41,7 +41,7 @@ class ArmHolder(ModelHolder):
     """An arm's model on the shared store; its gauges are not the server's."""
 
     def _report(self, model: ServingModel) -> None:
-        pass
+        """No gauges: the server's describe the live bundle."""
 
 
 @dataclass
@@ -60,6 +60,7 @@ class LiveArm:
 
     @property
     def version(self) -> int:
+        """Bundle version the arm serves."""
         return self.require().version
 
 
@@ -149,10 +150,12 @@ class ExperimentWatcher:
         self.build, self.metrics, self.store = build, metrics, impression_store
         self.poll_seconds, self.retry_seconds = poll_seconds, retry_seconds
         self._refused: tuple[ExperimentConfig | str, float] | None = None
+        self._lock = threading.Lock()  # one take-up at a time (poll thread, bundle swaps)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="experiment-watcher", daemon=True)
 
     def start(self) -> None:
+        """Start polling."""
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -165,6 +168,7 @@ class ExperimentWatcher:
             live.writer.stop()
 
     def _run(self) -> None:
+        """Poll until stopped; never dies on an error."""
         while not self._stop.is_set():
             try:
                 self.check()
@@ -174,6 +178,11 @@ class ExperimentWatcher:
 
     def check(self) -> bool:
         """Take up, change or end the experiment; returns whether the router changed."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> bool:
+        """check() with the lock held."""
         if self.holder.model is None:
             return False  # the live bundle first: an arm may share it
         try:
@@ -207,7 +216,8 @@ class ExperimentWatcher:
         """Arms for cfg: kept from the running experiment, shared with the live bundle, or
         loaded (after the memory check)."""
         kept = {a.spec.bundle: a for a in (live.arms.values() if live else ())}
-        to_load = {a.bundle for a in cfg.arms if a.bundle not in kept and a.bundle != self.holder.name}
+        to_load = {a.bundle for a in cfg.arms
+                   if a.bundle not in kept and a.bundle != self.holder.name}
         for name in to_load:
             if not (self.bundles_dir / name).is_dir():
                 raise ExperimentError(f"bundle {name} is not in {self.bundles_dir}")

@@ -1,9 +1,9 @@
 """Run online experiments: start, read out, promote the winner, stop.
 
-    python -m serve.experiment start   --bundles DIR --config exp.yaml [--replace] [--wait HOST:PORT]
+    python -m serve.experiment start   --bundles DIR --config exp.yaml [--replace] [--wait H:P]
     python -m serve.experiment status  --bundles DIR [--state DIR | --store URL] [--name N] [--json]
-    python -m serve.experiment promote ARM --bundles DIR [--wait HOST:PORT]
-    python -m serve.experiment stop    --bundles DIR [--wait HOST:PORT]
+    python -m serve.experiment promote ARM --bundles DIR [--wait H:P]
+    python -m serve.experiment stop    --bundles DIR [--wait H:P]
 
 `start` validates the YAML (serve.experiment_config.ExperimentConfig), verifies every arm's
 bundle (every sha256, `check_contents`) and that the bundles not already live fit in memory,

@@ -236,10 +236,20 @@ def start(cfg: ServerConfig) -> RunningServer:
     poller = Poller(holder, metrics, cfg.poll_seconds)
     running = RunningServer(server, port, metrics_port, holder, watcher, poller, health_servicer,
                             metrics, cfg.grace_seconds)
-    watcher.on_swap = running.set_serving
     running.experiments = ExperimentWatcher(cfg.bundles, holder, router, build, metrics,
                                             open_event_store(cfg), cfg.poll_seconds,
                                             cfg.retry_seconds)
+
+    def on_swap(model) -> None:
+        """A (re)started server takes up its experiment before SERVING, so users keep their arm;
+        after a swap an arm that shared the old bundle gets its own holder at once."""
+        try:
+            running.experiments.check()
+        except Exception:  # noqa: BLE001 - serving the live bundle matters more
+            log.exception("experiment check after a bundle swap failed")
+        running.set_serving(model)
+
+    watcher.on_swap = on_swap
     server.start()
     watcher.start()
     poller.start()

@@ -166,3 +166,15 @@ def test_cli_start_status_promote_stop(bundles, capsys):
     assert cli(["status", "--bundles", str(bundles), "--name", "exp1", "--json"]) == 0
     assert '"running": false' in capsys.readouterr().out
     assert cli(["stop", "--bundles", str(bundles)]) == 0
+
+
+def test_a_restarted_server_takes_up_its_experiment_before_serving(bundles, store_url):
+    write_live(bundles, experiment())
+    running = serve(bundles, store=store_url, poll_seconds=30)  # no poll before SERVING
+    try:
+        assert running.wait_ready(30)
+        with RecommenderClient(f"127.0.0.1:{running.port}") as c:
+            first = c.recommend(0, 3)
+            assert (first.arm, first.model_version) == ("treatment", 2)
+    finally:
+        running.stop(grace=1)
