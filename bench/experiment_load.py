@@ -2,7 +2,7 @@
 promote while the load runs, with no failed call.
 
     python -m bench.experiment_load [--items 20000] [--users 2000] [--dim 64] [--seconds 8]
-                                    [--conns 4] [--streams 4] [--rounds 3]
+                                    [--conns 4] [--streams 4] [--rounds 3] [--sample-rate 1]
 
 Two synthetic bundles (bench.bundle_factory, Flat index) in one bundles directory; one
 `python -m serve` process; h2load posts Recommend for 8 users spread over both arms. Phases 1
@@ -30,11 +30,15 @@ from bench.h2load import recommend_counts, run_h2load, scrape, write_bodies
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SAMPLE_RATE = {"rate": 1.0}
+
+
 def write_config(path: Path, name: str) -> Path:
     """A 50/50 experiment of v1 and v2."""
     path.write_text(yaml.safe_dump({"name": name, "salt": f"load-{name}", "arms": [
         {"name": "control", "bundle": "v1", "share": 0.5},
-        {"name": "treatment", "bundle": "v2", "share": 0.5}]}))
+        {"name": "treatment", "bundle": "v2", "share": 0.5}],
+        "impressions": {"sample_rate": SAMPLE_RATE["rate"]}}))
     return path
 
 
@@ -67,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conns", type=int, default=4)
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="one/two-bundle rounds, interleaved")
+    p.add_argument("--sample-rate", type=float, default=1.0, help="impressions logged")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "experiment_load")
     args = p.parse_args(argv)
     args.h2load_warmup = 1.0
+    SAMPLE_RATE["rate"] = args.sample_rate
     bundles = args.out / "bundles"
     subprocess.run(["rm", "-rf", str(bundles)], check=True)
     for seed, publish in ((0, True), (1, False)):
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop(proc)
     print(f"{args.items} items x {args.dim}, {args.users} users, Flat; h2load -c {args.conns} "
-          f"-m {args.streams}, 8 user bodies\n")
+          f"-m {args.streams}, 8 user bodies, impression sample rate {args.sample_rate:g}\n")
     print("| phase | req/s | p50 ms | p99 ms | failed (h2load) |")
     print("|---|---|---|---|---|")
     for name, r in rows:
