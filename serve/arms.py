@@ -216,8 +216,9 @@ class ExperimentWatcher:
         """Arms for cfg: kept from the running experiment, shared with the live bundle, or
         loaded (after the memory check)."""
         kept = {a.spec.bundle: a for a in (live.arms.values() if live else ())}
-        to_load = {a.bundle for a in cfg.arms
-                   if a.bundle not in kept and a.bundle != self.holder.name}
+        with self.holder.mutation_lock:  # the live bundle's name and model, consistently
+            live_name, live_model = self.holder.name, self.holder.model
+        to_load = {a.bundle for a in cfg.arms if a.bundle not in kept and a.bundle != live_name}
         for name in to_load:
             if not (self.bundles_dir / name).is_dir():
                 raise ExperimentError(f"bundle {name} is not in {self.bundles_dir}")
@@ -236,8 +237,8 @@ class ExperimentWatcher:
             elif spec.bundle in kept:
                 old = kept[spec.bundle]
                 arms[spec.name] = LiveArm(spec, old.holder, old.pinned)
-            else:
-                arms[spec.name] = LiveArm(spec, self.holder, self.holder.require())
+            else:  # the live bundle's version: pinned, so a swap meanwhile cannot change it
+                arms[spec.name] = LiveArm(spec, self.holder, live_model)
         same_log = live is not None and live.cfg.name == cfg.name and (
             live.cfg.impressions == cfg.impressions)
         writer = live.writer if same_log else ImpressionWriter(self.store, self.metrics,
