@@ -10,7 +10,7 @@ Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, ba
   backbone,faiss_factory} 1` of the bundle being served;
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
 - `recsys_reloads_total{result="success|failure"}` bundle swaps and refused bundles;
-- `recsys_recommend_source_total{source}` which query answered (user vector or a fallback);
+- `recsys_recommend_source_total{source,arm}` which query answered (user vector or a fallback);
 - `recsys_store_position` the last event-store id applied to the live bundle, `recsys_store_head`
   the newest id this process has seen in the store (their difference is the replication lag),
   `recsys_store_bytes` the store's disk use, `recsys_online_events_total{kind}` events applied,
@@ -62,8 +62,9 @@ class Metrics:
                                          registry=reg)
         self.reloads = Counter("recsys_reloads", "Bundle reloads by result", ["result"],
                                registry=reg)
-        self.sources = Counter("recsys_recommend_source", "Recommend answers by query source",
-                               ["source"], registry=reg)
+        self.sources = Counter("recsys_recommend_source",
+                               "Recommend answers by query source and arm", ["source", "arm"],
+                               registry=reg)
         self.store_position = Gauge("recsys_store_position",
                                     "Last event-store id applied to the live bundle", registry=reg)
         self.store_head = Gauge("recsys_store_head", "Newest event-store id seen", registry=reg)

@@ -141,14 +141,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def _shown(self, pick, query) -> pb.RecommendResponse:
         """Answer a query from a picked model; stamp and log the impression."""
-        resp = self._answer(pick.model, query)
+        resp = self._answer(pick.model, query, pick.arm or NO_ARM)
         self.router.shown(pick, query.user_id, resp)
         return resp
 
-    def _answer(self, model: ServingModel, query) -> pb.RecommendResponse:
-        """Run a validated query and count its source."""
+    def _answer(self, model: ServingModel, query, arm: str = NO_ARM) -> pb.RecommendResponse:
+        """Run a validated query and count its source (per arm)."""
         rec = model.recommend(query)
-        self.metrics.sources.labels(source=rec.source).inc()
+        self.metrics.sources.labels(source=rec.source, arm=arm).inc()
         return to_response(rec, model.version)
 
     def _handle(self, method: str, context: grpc.ServicerContext, run: Callable,
