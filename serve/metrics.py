@@ -2,19 +2,25 @@
 
 Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, base units,
 `_total` counters, no per-user labels.
-- `recsys_request_duration_seconds{method,code}` histogram and `recsys_requests_total{method,code}`
-  per RPC and gRPC status code name (calls refused before a handler too: serve.guard);
+- `recsys_request_duration_seconds{method,code,arm}` histogram and
+  `recsys_requests_total{method,code,arm}` per RPC, gRPC status code name and experiment arm
+  (`none` outside an experiment and for calls that are not Recommend / RecommendBatch; calls
+  refused before a handler too: serve.guard);
 - `recsys_index_items` live items, `recsys_model_version` and `recsys_build_info{model_version,
   backbone,faiss_factory} 1` of the bundle being served;
 - `recsys_encode_duration_seconds` time spent in the ONNX towers (EncodeItem, UpsertItem);
 - `recsys_reloads_total{result="success|failure"}` bundle swaps and refused bundles;
-- `recsys_recommend_source_total{source}` which query answered (user vector or a fallback);
+- `recsys_recommend_source_total{source,arm}` which query answered (user vector or a fallback);
 - `recsys_store_position` the last event-store id applied to the live bundle, `recsys_store_head`
   the newest id this process has seen in the store (their difference is the replication lag),
   `recsys_store_bytes` the store's disk use, `recsys_online_events_total{kind}` events applied,
   `recsys_store_skipped_total{reason="damaged|unencodable"}` events skipped,
   `recsys_store_errors_total{op="write|read"}` store failures (writes answered UNAVAILABLE or
   RESOURCE_EXHAUSTED, polls that failed);
+- `recsys_experiment_info{experiment,arm,model_version} 1` per live arm,
+  `recsys_experiment_loads_total{result}` experiments taken up or refused,
+  `recsys_impressions_total{result="queued|written|dropped|failed"}` and
+  `recsys_impression_queue` the impression log (serve.impressions);
 - `process_*` (resident memory, CPU) from prometheus_client's process collector.
 """
 from __future__ import annotations
@@ -43,10 +49,10 @@ class Metrics:
         self.registry = reg = registry or CollectorRegistry()
         ProcessCollector(registry=reg)
         self.request_duration = Histogram(
-            "recsys_request_duration_seconds", "RPC latency by method and status code",
-            ["method", "code"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.requests = Counter("recsys_requests", "RPCs by method and status code",
-                                ["method", "code"], registry=reg)
+            "recsys_request_duration_seconds", "RPC latency by method, status code and arm",
+            ["method", "code", "arm"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.requests = Counter("recsys_requests", "RPCs by method, status code and arm",
+                                ["method", "code", "arm"], registry=reg)
         self.index_items = Gauge("recsys_index_items", "Items live in the index", registry=reg)
         self.model_version = Gauge("recsys_model_version", "Bundle version served", registry=reg)
         self.build_info = Gauge("recsys_build_info", "Bundle served (value 1)",
@@ -56,8 +62,9 @@ class Metrics:
                                          registry=reg)
         self.reloads = Counter("recsys_reloads", "Bundle reloads by result", ["result"],
                                registry=reg)
-        self.sources = Counter("recsys_recommend_source", "Recommend answers by query source",
-                               ["source"], registry=reg)
+        self.sources = Counter("recsys_recommend_source",
+                               "Recommend answers by query source and arm", ["source", "arm"],
+                               registry=reg)
         self.store_position = Gauge("recsys_store_position",
                                     "Last event-store id applied to the live bundle", registry=reg)
         self.store_head = Gauge("recsys_store_head", "Newest event-store id seen", registry=reg)
@@ -69,6 +76,19 @@ class Metrics:
                                      ["reason"], registry=reg)
         self.store_errors = Counter("recsys_store_errors", "Event-store failures by operation",
                                     ["op"], registry=reg)
+        self.experiment_info = Gauge("recsys_experiment_info", "Live experiment arms (value 1)",
+                                     ["experiment", "arm", "model_version"], registry=reg)
+        self.experiment_loads = Counter("recsys_experiment_loads",
+                                        "Experiments taken up or refused", ["result"],
+                                        registry=reg)
+        self.impressions = Counter("recsys_impressions", "Experiment impressions by outcome",
+                                   ["result"], registry=reg)
+        self.impression_queue = Gauge("recsys_impression_queue", "Impressions waiting to be "
+                                      "written", registry=reg)
+        for result in ("queued", "written", "dropped", "failed"):
+            self.impressions.labels(result=result)
+        for result in ("success", "failure"):
+            self.experiment_loads.labels(result=result)
         for reason in ("damaged", "unencodable"):
             self.store_skipped.labels(reason=reason)
         for op in ("write", "read"):
@@ -76,26 +96,32 @@ class Metrics:
         for result in ("success", "failure"):
             self.reloads.labels(result=result)
         self._http = None
-        self._children: dict[tuple[str, str], tuple] = {}
-        self._sources: dict[str, Counter] = {}
+        self._children: dict[tuple[str, str, str], tuple] = {}
+        self._sources: dict[tuple[str, str], Counter] = {}
         self._info_labels: tuple[str, ...] | None = None
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
+    def observe(self, method: str, code: str, seconds: float, arm: str = "none") -> None:
         """Record one finished RPC (label children cached: labels() costs ~10 us a call)."""
-        children = self._children.get((method, code))
+        children = self._children.get((method, code, arm))
         if children is None:
-            children = (self.request_duration.labels(method=method, code=code),
-                        self.requests.labels(method=method, code=code))
-            self._children[(method, code)] = children
+            children = (self.request_duration.labels(method=method, code=code, arm=arm),
+                        self.requests.labels(method=method, code=code, arm=arm))
+            self._children[(method, code, arm)] = children
         children[0].observe(seconds)
         children[1].inc()
 
-    def answered_by(self, source: str) -> None:
-        """Count a Recommend answer by its query source."""
-        child = self._sources.get(source)
+    def answered_by(self, source: str, arm: str = "none") -> None:
+        """Count a Recommend answer by its query source and experiment arm."""
+        child = self._sources.get((source, arm))
         if child is None:
-            child = self._sources[source] = self.sources.labels(source=source)
+            child = self._sources[(source, arm)] = self.sources.labels(source=source, arm=arm)
         child.inc()
+
+    def arms(self, experiment: str | None, versions: dict[str, int]) -> None:
+        """Export the live experiment's arms (none: clear them)."""
+        self.experiment_info.clear()
+        for arm, version in versions.items():
+            self.experiment_info.labels(experiment or "", arm, str(version)).set(1)
 
     def loaded(self, model) -> None:
         """Export the gauges of the model now served."""

@@ -70,6 +70,7 @@ class ModelHolder:
         self.store, self.metrics = store, metrics or Metrics()
         self.encodes = encodes or EncodePool()
         self.mutation_lock = threading.Lock()
+        self.followers: tuple[ModelHolder, ...] = ()  # experiment arms on the same store
 
     def encode(self, model: ServingModel, image: bytes, text: str) -> np.ndarray:
         """A request's item vector, encoded on the bounded encode pool (serve.encoding)."""
@@ -107,6 +108,7 @@ class ModelHolder:
                     raise AlreadyExists(f"item {item_id} is already in the index; set overwrite")
                 event_id, dup = self._commit(model, ev.upsert(item_id, image, text, request_id),
                                              vec)
+            self._follow(event_id)
             return Written(model, event_id, dup, present and not dup)
         raise Unavailable("the bundle changed three times during this upsert; retry")
 
@@ -120,6 +122,7 @@ class ModelHolder:
             if not model.has_item(item_id):
                 raise NotFound(f"item {item_id} is not in the index")
             event_id, dup = self._commit(model, ev.delete(item_id, request_id))
+        self._follow(event_id)
         return Written(model, event_id, dup)
 
     def record(self, user_id: int, item_ids: np.ndarray, timestamps: np.ndarray, action: str,
@@ -137,6 +140,7 @@ class ModelHolder:
                 raise InvalidArgument(f"item_ids not in the index: {unknown[:10]}")
             event = ev.interactions(user_id, item_ids, timestamps, action, request_id)
             event_id, dup = self._commit(model, event)
+        self._follow(event_id)
         return Written(model, event_id, dup)
 
     @staticmethod
@@ -175,6 +179,16 @@ class ModelHolder:
         self._report(model)
         return event_id, dup
 
+    def _follow(self, through: int) -> None:
+        """Apply the store through an acknowledged write to every experiment arm's model too
+        (a failure there is left to the next poll: the write is durable already)."""
+        for follower in self.followers:
+            try:
+                follower.catch_up(through)
+            except StoreError as err:
+                log.warning("experiment arm %s could not apply event %d yet: %s",
+                            follower.name, through, err)
+
     def _refused(self, op: str, err: StoreError) -> ServeError:
         """Count a store failure and turn it into the status to answer."""
         self.metrics.store_errors.labels(op=op).inc()
@@ -202,6 +216,8 @@ class ModelHolder:
                     break
                 applied += self._apply_batch(model, batch, vectors)
         self._report(model)
+        for follower in self.followers if through is None else ():
+            applied += follower.catch_up(target)
         return applied
 
     def _caught_up(self, through: int | None = None) -> None:

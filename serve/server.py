@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import SQLStore, StoreError, open_store
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
+from serve.arms import ExperimentWatcher, Router
 from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
 from serve.catalogue import Catalogue, CatalogueError
 from serve.encoding import EncodeLimits, EncodePool
@@ -121,6 +122,7 @@ class RunningServer:
         self.ready = threading.Event()
         self._stopped = False
         self._drain_cut = threading.Event()
+        self.experiments: ExperimentWatcher | None = None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a bundle is loaded and SERVING (or timeout); returns whether it is."""
@@ -146,6 +148,9 @@ class RunningServer:
         self.poller.stop()
         self.server.stop(self.grace if grace is None else grace).wait()
         self.holder.encodes.shutdown()
+        if self.experiments is not None:
+            self.experiments.stop()  # writes the queued impressions
+            self.experiments.store.close()
         self.holder.store.close()
         self.metrics.stop_http()
         if self.ui is not None:
@@ -242,8 +247,9 @@ def start(cfg: ServerConfig) -> RunningServer:
     gate = Gate(metrics, pool, cfg.max_concurrent_rpcs, max_message_bytes(cfg.limits),
                 SERVICE_NAME, auth, busy=lambda: encodes.full)
     server = grpc.server(pool, interceptors=[gate], options=_grpc_options(cfg))
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(holder, metrics, cfg.limits),
-                                              server)
+    router = Router(holder)
+    pb_grpc.add_RecommenderServicer_to_server(
+        RecommenderServicer(holder, metrics, cfg.limits, router), server)
     health_servicer = _health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -270,10 +276,24 @@ def start(cfg: ServerConfig) -> RunningServer:
     poller = Poller(holder, metrics, cfg.poll_seconds)
     running = RunningServer(server, port, metrics_port, holder, watcher, poller, health_servicer,
                             metrics, cfg.grace_seconds, ui)
-    watcher.on_swap = running.set_serving
+    running.experiments = ExperimentWatcher(cfg.bundles, holder, router, build, metrics,
+                                            open_event_store(cfg), cfg.poll_seconds,
+                                            cfg.retry_seconds)
+
+    def on_swap(model) -> None:
+        """A (re)started server takes up its experiment before SERVING, so users keep their arm;
+        after a swap an arm that shared the old bundle gets its own holder at once."""
+        try:
+            running.experiments.check()
+        except Exception:  # noqa: BLE001 - serving the live bundle matters more
+            log.exception("experiment check after a bundle swap failed")
+        running.set_serving(model)
+
+    watcher.on_swap = on_swap
     server.start()
     watcher.start()
     poller.start()
+    running.experiments.start()
     log.info("gRPC on %s:%d (%s, %s), bundles from %s, event store %s", cfg.host, port,
              "mutual TLS" if cfg.auth.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
              "API keys" if auth else "anonymous", cfg.bundles, holder.store.display)

@@ -16,8 +16,10 @@ from collections.abc import Callable
 import grpc
 
 from serve._gen.ptmrec.v1 import recommender_pb2 as pb
+from serve.arms import Router
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.errors import ServeError
+from serve.experiment_config import NO_ARM
 from serve.limits import (Limits, check_batch, check_id, check_interactions, check_item,
                           check_query, check_request_id)
 from serve.metrics import Metrics
@@ -44,22 +46,30 @@ def to_response(rec: Recommendation, version: int) -> pb.RecommendResponse:
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     """Implements ptmrec.v1.Recommender."""
 
-    def __init__(self, holder: ModelHolder, metrics: Metrics, limits: Limits | None = None):
+    def __init__(self, holder: ModelHolder, metrics: Metrics, limits: Limits | None = None,
+                 router: Router | None = None):
         self.holder, self.metrics, self.limits = holder, metrics, limits or Limits()
+        self.router = router or Router(holder)
 
     def Recommend(self, request, context):
-        """Top-k for one user."""
-        return self._handle("Recommend", context, lambda: self._recommend(request))
+        """Top-k for one user (from the model of the user's arm during an experiment)."""
+        labels = {}
+        return self._handle("Recommend", context, lambda: self._recommend(request, labels),
+                            labels)
 
     def RecommendBatch(self, request, context):
-        """Several Recommend calls from one model snapshot."""
+        """Several Recommend calls from one model (or experiment) snapshot."""
+        labels = {}
+
         def run():
             check_batch(len(request.requests), self.limits)
-            model = self.holder.require()
+            pick = self.router.snapshot()
             queries = [self._query(r) for r in request.requests]
+            picks = [pick(q.user_id) for q in queries]
+            labels["arm"] = _batch_arm({p.arm for p in picks})
             return pb.RecommendBatchResponse(
-                responses=[self._answer(model, q) for q in queries])
-        return self._handle("RecommendBatch", context, run)
+                responses=[self._shown(p, q) for p, q in zip(picks, queries)])
+        return self._handle("RecommendBatch", context, run, labels)
 
     def EncodeItem(self, request, context):
         """Vector of a raw item, no side effects."""
@@ -112,7 +122,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def GetModelInfo(self, request, context):
         """Manifest summary of the loaded bundle and the applied store position."""
         return self._handle("GetModelInfo", context, lambda: pb.ModelInfo(
-            **self.holder.require().info(), store=self.holder.store.display))
+            **self.holder.require().info(), store=self.holder.store.display,
+            **self.router.info()))
 
     def _query(self, request: pb.RecommendRequest):
         """Validated fields of a RecommendRequest (exclude_seen defaults to true)."""
@@ -120,18 +131,27 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return check_query(request.user_id, request.k, request.exclude_item_ids, exclude_seen,
                            request.recent_item_ids, self.limits)
 
-    def _recommend(self, request: pb.RecommendRequest) -> pb.RecommendResponse:
-        """Validate, then answer from the live model."""
+    def _recommend(self, request: pb.RecommendRequest, labels: dict) -> pb.RecommendResponse:
+        """Validate, then answer from the model of the user's arm."""
         query = self._query(request)
-        return self._answer(self.holder.require(), query)
+        pick = self.router.pick(query.user_id)
+        labels["arm"] = pick.arm or NO_ARM
+        return self._shown(pick, query)
 
-    def _answer(self, model: ServingModel, query) -> pb.RecommendResponse:
-        """Run a validated query and count its source."""
+    def _shown(self, pick, query) -> pb.RecommendResponse:
+        """Answer a query from a picked model; stamp and log the impression."""
+        resp = self._answer(pick.model, query, pick.arm or NO_ARM)
+        self.router.shown(pick, query.user_id, resp)
+        return resp
+
+    def _answer(self, model: ServingModel, query, arm: str = NO_ARM) -> pb.RecommendResponse:
+        """Run a validated query and count its source (per arm)."""
         rec = model.recommend(query)
-        self.metrics.answered_by(rec.source)
+        self.metrics.answered_by(rec.source, arm)
         return to_response(rec, model.version)
 
-    def _handle(self, method: str, context: grpc.ServicerContext, run: Callable):
+    def _handle(self, method: str, context: grpc.ServicerContext, run: Callable,
+                labels: dict | None = None):
         """Run one RPC body: time it, count it, map errors to status codes."""
         start = time.perf_counter()
         code, detail = "OK", ""
@@ -144,5 +164,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             log.exception("%s failed (ref %s)", method, ref)
             code, detail = "INTERNAL", f"internal error (ref {ref}); see the server log"
         finally:
-            self.metrics.observe(method, code, time.perf_counter() - start)
+            self.metrics.observe(method, code, time.perf_counter() - start,
+                                 (labels or {}).get("arm", NO_ARM))
         context.abort(getattr(grpc.StatusCode, code), detail)
+
+
+def _batch_arm(arms: set[str]) -> str:
+    """The arm label of a batch: its one arm, "mixed", or none outside an experiment."""
+    if len(arms) > 1:
+        return "mixed"
+    return (arms.pop() if arms else "") or NO_ARM

@@ -75,9 +75,10 @@ def test_keys_and_roles(keyed):
         assert writer.recommend(0, 1).items[0].item_id == 77
         assert anonymous.health() == "SERVING"  # health is public by default
     sample = server.metrics.registry.get_sample_value
-    assert sample("recsys_requests_total", {"method": "Recommend", "code": "UNAUTHENTICATED"}) == 2
+    assert sample("recsys_requests_total", {"method": "Recommend", "code": "UNAUTHENTICATED",
+                                            "arm": "none"}) == 2
     assert sample("recsys_requests_total", {"method": "UpsertItem",
-                                            "code": "PERMISSION_DENIED"}) == 1
+                                            "code": "PERMISSION_DENIED", "arm": "none"}) == 1
     assert scrape(server.metrics_port, None) == scrape(server.metrics_port, "x" * 24) == 401
     assert scrape(server.metrics_port, READ_KEY) == 200
 

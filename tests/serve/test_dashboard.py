@@ -12,7 +12,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "ptmrec-serving.json"
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "gauge": ("",), "summary": ("", "_sum", "_count")}
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "clamp_min", "max", "le",
-                "method", "code", "source", "kind", "reason", "op", "result", "instance"}
+                "method", "code", "source", "kind", "reason", "op", "result", "instance", "arm",
+                "experiment", "model_version"}
 
 
 def exported_names() -> set[str]:
@@ -40,8 +41,17 @@ def test_dashboard_queries_only_exported_metrics():
     dashboard = json.loads(DASHBOARD.read_text())
     queried = queried_names(dashboard)
     assert {"recsys_requests_total", "recsys_request_duration_seconds_bucket",
-            "recsys_store_position", "process_resident_memory_bytes"} <= queried
+            "recsys_store_position", "process_resident_memory_bytes",
+            "recsys_experiment_info", "recsys_impressions_total"} <= queried
     assert queried - exported_names() == set()
+
+
+def test_dashboard_splits_requests_by_arm():
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    assert any("by (le, arm)" in e and "recsys_request_duration_seconds_bucket" in e
+               for e in exprs)
+    assert any("by (arm)" in e and "recsys_requests_total" in e for e in exprs)
+    assert {"arm"} <= set(Metrics().requests._labelnames)
 
 
 def test_checker_catches_a_metric_the_server_lacks():

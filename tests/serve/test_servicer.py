@@ -205,7 +205,7 @@ def test_internal_errors_are_contained(servicer, holder, metrics, ctx, monkeypat
     monkeypatch.undo()
     assert len(rec(servicer, ctx).items) == 10
     sample = metrics.registry.get_sample_value
-    assert sample("recsys_requests_total", {"method": "Recommend", "code": "INTERNAL"}) == 1
-    assert sample("recsys_requests_total", {"method": "Recommend", "code": "OK"}) == 1
+    assert sample("recsys_requests_total", {"method": "Recommend", "code": "INTERNAL", "arm": "none"}) == 1
+    assert sample("recsys_requests_total", {"method": "Recommend", "code": "OK", "arm": "none"}) == 1
     assert sample("recsys_request_duration_seconds_count",
-                  {"method": "Recommend", "code": "OK"}) == 1
+                  {"method": "Recommend", "code": "OK", "arm": "none"}) == 1
