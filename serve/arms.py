@@ -32,7 +32,7 @@ from serve.experiment_config import (Arm, ExperimentConfig, ExperimentError, ass
 from serve.impressions import ImpressionWriter
 from serve.metrics import Metrics
 from serve.model import ServingModel
-from serve.reload import ModelHolder
+from serve.reload import ModelHolder, PollLoop
 
 log = logging.getLogger(__name__)
 
@@ -139,42 +139,26 @@ def read_manifest(path: Path) -> Manifest:
         raise ExperimentError(f"bundle {path.name}: no valid manifest.json ({err})") from err
 
 
-class ExperimentWatcher:
+class ExperimentWatcher(PollLoop):
     """Polls BUNDLES/EXPERIMENT and makes the router serve what it names."""
 
     def __init__(self, bundles_dir: Path, holder: ModelHolder, router: Router,
                  build: Callable[[Path], ServingModel], metrics: Metrics,
                  impression_store: SQLStore, poll_seconds: float = 2.0,
                  retry_seconds: float = 60.0):
+        super().__init__("experiment-watcher", poll_seconds)
         self.bundles_dir, self.holder, self.router = Path(bundles_dir), holder, router
         self.build, self.metrics, self.store = build, metrics, impression_store
-        self.poll_seconds, self.retry_seconds = poll_seconds, retry_seconds
+        self.retry_seconds = retry_seconds
         self._refused: tuple[ExperimentConfig | str, float] | None = None
         self._lock = threading.Lock()  # one take-up at a time (poll thread, bundle swaps)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="experiment-watcher", daemon=True)
-
-    def start(self) -> None:
-        """Start polling."""
-        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop polling and flush the impression log."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().stop(timeout)
         live = self.router.live
         if live is not None and live.writer is not None:
             live.writer.stop()
-
-    def _run(self) -> None:
-        """Poll until stopped; never dies on an error."""
-        while not self._stop.is_set():
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any bad experiment
-                log.exception("experiment watcher check failed")
-            self._stop.wait(self.poll_seconds)
 
     def check(self) -> bool:
         """Take up, change or end the experiment; returns whether the router changed."""

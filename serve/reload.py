@@ -306,26 +306,25 @@ class ModelHolder:
             self.metrics.loaded(model)
 
 
-class Watcher:
-    """Polls CURRENT and swaps in each newly published bundle that loads and passes smoke."""
+class PollLoop:
+    """A daemon thread calling `check()` now and then every `poll_seconds` until stopped; an
+    exception is logged and the loop goes on (a watcher must outlive any bad bundle)."""
 
-    def __init__(self, bundles_dir: Path, holder: ModelHolder, build: Callable[[Path], ServingModel],
-                 metrics: Metrics, poll_seconds: float = 2.0, retry_seconds: float = 60.0,
-                 on_swap: Callable[[ServingModel], None] | None = None):
-        self.bundles_dir, self.holder, self.build = Path(bundles_dir), holder, build
-        self.metrics, self.poll_seconds, self.retry_seconds = metrics, poll_seconds, retry_seconds
-        self.on_swap = on_swap
-        self._failed: dict[str, float] = {}
-        self._waiting: tuple[str, ServingModel] | None = None  # loaded, store not readable yet
+    def __init__(self, name: str, poll_seconds: float):
+        self.poll_seconds = poll_seconds
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bundle-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def check(self) -> bool:
+        """One poll (subclasses)."""
+        raise NotImplementedError
 
     def start(self) -> None:
         """Start polling (the first check runs immediately)."""
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling and wait for a load in progress to finish."""
+        """Stop polling and wait for a check in progress to finish."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -335,9 +334,23 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any bad bundle
-                log.exception("bundle watcher check failed")
+            except Exception:  # noqa: BLE001 - the loop must outlive any bad input
+                log.exception("%s check failed", self._thread.name)
             self._stop.wait(self.poll_seconds)
+
+
+class Watcher(PollLoop):
+    """Polls CURRENT and swaps in each newly published bundle that loads and passes smoke."""
+
+    def __init__(self, bundles_dir: Path, holder: ModelHolder, build: Callable[[Path], ServingModel],
+                 metrics: Metrics, poll_seconds: float = 2.0, retry_seconds: float = 60.0,
+                 on_swap: Callable[[ServingModel], None] | None = None):
+        super().__init__("bundle-watcher", poll_seconds)
+        self.bundles_dir, self.holder, self.build = Path(bundles_dir), holder, build
+        self.metrics, self.retry_seconds = metrics, retry_seconds
+        self.on_swap = on_swap
+        self._failed: dict[str, float] = {}
+        self._waiting: tuple[str, ServingModel] | None = None  # loaded, store not readable yet
 
     def check(self) -> bool:
         """Load and swap in the published bundle if it is new; returns whether it swapped."""

@@ -19,14 +19,12 @@ from train.cli import EXIT_CONFIG, setup_logging
 from train.evaluate import Evaluator
 from train.fit import evaluate_model
 from train.run import BEST, Run, load_run, run_device
+from train.tuning import set_feature_tables
 
 
 def evaluate_run(run: Run, split: str, ks: list[int], batch_size: int) -> dict[str, float]:
     """Recall/NDCG@ks of a loaded run on a split (tuned features written into the backbone)."""
-    tables = getattr(run.model, "features", {})
-    for m, f in run.features.items():
-        if m in tables and tables[m].shape == f.shape:
-            run.model.set_features(m, f)
+    set_feature_tables(run.model, run.features)
     return evaluate_model(run.model, Evaluator(run.train, split, ks, batch_size))
 
 

@@ -44,6 +44,9 @@ class Evaluator:
         self.batches = [self._batch(users[s:s + batch_size], h_ptr, h_idx, t_ptr, t_idx)
                         for s in range(0, len(users), batch_size)]
         self.n_users = len(users)
+        self.kmax = min(self.ks[-1], self.n_items)
+        self.discount = 1.0 / torch.log2(torch.arange(2, self.kmax + 2, dtype=torch.float64))
+        self.cum_discount = torch.cumsum(self.discount, 0)  # IDCG over min(|T_u|, k)
 
     def _batch(self, users, h_ptr, h_idx, t_ptr, t_idx) -> _EvalBatch:
         """Gather the training mask and held-out items of a batch of users."""
@@ -80,9 +83,7 @@ class Evaluator:
 
     def _batch_sums(self, b: _EvalBatch, score_fn: ScoreFn) -> dict[str, float]:
         """Sums over one batch's users of Recall@k and NDCG@k."""
-        kmax = min(self.ks[-1], self.n_items)
-        discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float64))  # (K,)
-        cum_discount = torch.cumsum(discount, 0)
+        kmax, discount, cum_discount = self.kmax, self.discount, self.cum_discount  # (K,)
         scores = score_fn(b.users).float().clone()                 # (b, I), never a view
         scores[b.mask_rows.to(scores.device), b.mask_cols.to(scores.device)] = -torch.inf
         top = torch.topk(scores, kmax, dim=1).indices.cpu()         # (b, K)

@@ -51,12 +51,17 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
         t.eval()
     tuned = {m: encode(t, raw[m], s2.encode.batch_size, device, grad=False, bf16=s2.encode.cpu_bf16)
              for m, t in towers.items()}
-    feats = raw["frozen"] | tuned
+    set_feature_tables(model, tuned)
+    return raw["frozen"] | tuned
+
+
+def set_feature_tables(model, features: dict[str, torch.Tensor]) -> None:
+    """Write (n_items, d) features into the backbone's feature tables of the same shape (a
+    backbone without tables, or of another shape for a modality, keeps its own)."""
     tables = getattr(model, "features", {})
-    for m, f in tuned.items():
+    for m, f in features.items():
         if m in tables and tables[m].shape == f.shape:
             model.set_features(m, f)
-    return feats
 
 
 def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Config,
