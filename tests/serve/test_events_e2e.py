@@ -8,25 +8,10 @@ import time
 
 from bench.pgcluster import free_port
 from bench.bundle_factory import BundleSpec, probe_item, write_test_bundle
-from bench.procs import client, start_server, stop, wait_serving
+from bench.procs import client, clients_per_process, start_server, stop, wait_serving
 from index.events.postgres import LISTEN_APP
 
 POLL = 0.2
-
-
-def _one_client_per_process(port: int, n: int = 2, tries: int = 64) -> list:
-    """Clients whose connections landed on n different processes (told apart by loaded_at)."""
-    found = {}
-    for _ in range(tries):
-        c = client(port, own_connection=True)
-        key = c.info().loaded_at
-        if key in found:
-            c.close()
-        else:
-            found[key] = c
-        if len(found) == n:
-            return list(found.values())
-    raise AssertionError(f"connections reached only {len(found)} of {n} processes")
 
 
 def test_reuse_port_processes_share_writes_through_postgresql(tmp_path, pg_cluster):
@@ -38,7 +23,7 @@ def test_reuse_port_processes_share_writes_through_postgresql(tmp_path, pg_clust
         for proc in procs:
             wait_serving(client(port), proc)
         time.sleep(0.5)  # both loaded: each connection lands on a SERVING process
-        a, b = _one_client_per_process(port)
+        a, b = clients_per_process(port)
         assert b.recommend(0, 1).items[0].item_id != 77
         written = a.upsert(77, *probe_item())
         start = time.monotonic()
@@ -83,7 +68,7 @@ def test_notify_applies_writes_long_before_the_poll(tmp_path, pg_cluster):
         for proc in procs:
             wait_serving(client(port), proc)
         time.sleep(0.5)
-        a, b = _one_client_per_process(port)
+        a, b = clients_per_process(port)
         a.upsert(77, *probe_item())
         _visible(b, 77, within=5)
         a.delete(77)
