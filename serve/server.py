@@ -8,7 +8,9 @@ free one), so tests and benchmarks can run a real server in-process. The process
 torch nor `train/`.
 
 Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for "" and
-"ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. The watcher thread loads the bundle that
+"ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. A PostgreSQL store is reached first, in
+the background (serve.storewait: retried with backoff for `store_wait_seconds`, then
+`RunningServer.failure` is set and `exit` fires). Then the watcher thread loads the bundle that
 `bundles/CURRENT` names (sha256-verified, smoke-queried) and only then flips health to SERVING. On
 stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING at once, calls keep being answered for
 `drain_seconds` (so load balancers see NOT_SERVING and move traffic away; a second signal cuts
@@ -22,7 +24,8 @@ DeleteItem and RecordInteractions commit to the event store before they answer O
 the store's events after the bundle's watermark are applied (upserts re-encoded with the new
 encoder) before one reference is swapped; a broken bundle is refused
 (`recsys_reloads_total{result="failure"}`) and the old one keeps serving. A poller thread applies
-the writes of other processes on the same store every `poll_seconds`.
+the writes of other processes on the same store, woken at once by PostgreSQL's LISTEN/NOTIFY
+(`store_listen`) and every `poll_seconds` in any case.
 
 Concurrency. A thread pool serves RPCs (the Python gRPC layer costs ~0.3 ms of CPU per RPC and
 holds the GIL for it; to use more cores, run several processes with `--reuse-port` on the same
