@@ -36,6 +36,22 @@ def client(port: int, own_connection: bool = False) -> RecommenderClient:
     return RecommenderClient(f"127.0.0.1:{port}", timeout=10, options=options)
 
 
+def clients_per_process(port: int, n: int = 2, tries: int = 64) -> list[RecommenderClient]:
+    """Clients whose connections landed on n different --reuse-port processes (told apart by
+    GetModelInfo.loaded_at)."""
+    found = {}
+    for _ in range(tries):
+        c = client(port, own_connection=True)
+        key = c.info().loaded_at
+        if key in found:
+            c.close()
+        else:
+            found[key] = c
+        if len(found) == n:
+            return list(found.values())
+    raise AssertionError(f"connections reached only {len(found)} of {n} processes")
+
+
 def wait_serving(c: RecommenderClient, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Poll health until SERVING; fail if the server exits or the time runs out."""
     deadline = time.monotonic() + timeout

@@ -3,7 +3,8 @@
     python -m serve --bundles bundles/ [--state DIR | --store postgresql://...] [--host 127.0.0.1]
                     [--port 50051] [--metrics-port 9100] [--tls-cert cert.pem --tls-key key.pem]
                     [--api-keys keys.txt | --tls-client-ca ca.pem | --insecure-allow-anonymous]
-                    [--poll-seconds 2] [--workers 8] [--drain-seconds 2] [--grace-seconds 5]
+                    [--poll-seconds 2] [--store-wait-seconds 300] [--no-store-listen]
+                    [--workers 8] [--drain-seconds 2] [--grace-seconds 5]
                     [--ui-port 8080 [--ui-host 127.0.0.1] [--catalogue DATA_DIR]]
 
 API keys come from --api-keys FILE and/or the PTMREC_API_KEYS environment variable, never from
@@ -16,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve without authentication on a non-loopback address")
     p.add_argument("--poll-seconds", type=float, default=2.0,
                    help="how often to check CURRENT and the event store")
+    p.add_argument("--store-listen", action=argparse.BooleanOptionalAction, default=True,
+                   help="PostgreSQL: apply other processes' writes as soon as they commit "
+                   "(LISTEN/NOTIFY); --no-store-listen: only every --poll-seconds (e.g. behind "
+                   "PgBouncer in transaction mode)")
+    p.add_argument("--store-wait-seconds", type=float, default=300.0,
+                   help="PostgreSQL unreachable at start: health NOT_SERVING and retry this long, "
+                   "then exit 2 (0: wait forever)")
     p.add_argument("--fold-in-half", type=float, default=5.0,
                    help="recorded interactions at which they weigh half of a known user's query")
     p.add_argument("--retry-seconds", type=float, default=60.0,
@@ -116,6 +123,7 @@ def config_from_args(args: argparse.Namespace):
         ui_host=args.ui_host, ui_port=args.ui_port, catalogue=args.catalogue,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, poll_seconds=args.poll_seconds,
+        store_listen=args.store_listen, store_wait_seconds=args.store_wait_seconds,
         retry_seconds=args.retry_seconds, workers=args.workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_seconds=args.grace_seconds,
         drain_seconds=args.drain_seconds,
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         logging.getLogger("serve").error("%s", err)
         return 2
-    stop = threading.Event()
+    stop = running.exit  # a signal, or a start that cannot succeed (running.failure)
 
     def on_signal(signum, _frame):
         logging.getLogger("serve").info("received %s, shutting down",
@@ -160,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f", inspection page on {ui_url(args.ui_host, running.ui_port)}"
              if running.ui_port is not None else ""), flush=True)
     stop.wait()
+    if running.failure is not None:
+        logging.getLogger("serve").error("%s", running.failure)
+        running.stop()
+        return 2
     running.stop(drain=args.drain_seconds)
     return 0
 

@@ -15,8 +15,10 @@ Names follow the Prometheus conventions (SERVING.md §3.1): `recsys_` prefix, ba
   the newest id this process has seen in the store (their difference is the replication lag),
   `recsys_store_bytes` the store's disk use, `recsys_online_events_total{kind}` events applied,
   `recsys_store_skipped_total{reason="damaged|unencodable"}` events skipped,
-  `recsys_store_errors_total{op="write|read"}` store failures (writes answered UNAVAILABLE or
-  RESOURCE_EXHAUSTED, polls that failed);
+  `recsys_store_errors_total{op="write|read|connect"}` store failures (writes answered
+  UNAVAILABLE or RESOURCE_EXHAUSTED, polls that failed, tries to reach the store at start),
+  `recsys_store_ready` 1 once the store was reached at start, `recsys_store_listening` 1 while
+  the PostgreSQL LISTEN connection is open, `recsys_store_listen_failures_total` its failures;
 - `recsys_experiment_info{experiment,arm,model_version} 1` per live arm,
   `recsys_experiment_loads_total{result}` experiments taken up or refused,
   `recsys_impressions_total{result="queued|written|dropped|failed"}` and
@@ -76,6 +78,12 @@ class Metrics:
                                      ["reason"], registry=reg)
         self.store_errors = Counter("recsys_store_errors", "Event-store failures by operation",
                                     ["op"], registry=reg)
+        self.store_listening = Gauge("recsys_store_listening", "1 while the LISTEN connection "
+                                     "to the PostgreSQL store is open", registry=reg)
+        self.store_listen_failures = Counter("recsys_store_listen_failures", "LISTEN connections "
+                                             "that failed or were lost", registry=reg)
+        self.store_ready = Gauge("recsys_store_ready", "1 once the event store was reached at "
+                                 "start", registry=reg)
         self.experiment_info = Gauge("recsys_experiment_info", "Live experiment arms (value 1)",
                                      ["experiment", "arm", "model_version"], registry=reg)
         self.experiment_loads = Counter("recsys_experiment_loads",
@@ -91,7 +99,7 @@ class Metrics:
             self.experiment_loads.labels(result=result)
         for reason in ("damaged", "unencodable"):
             self.store_skipped.labels(reason=reason)
-        for op in ("write", "read"):
+        for op in ("write", "read", "connect"):
             self.store_errors.labels(op=op)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)

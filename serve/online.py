@@ -99,35 +99,112 @@ def apply_event(model, event: Event, vector: np.ndarray | None = None) -> None:
         model.online.add(event.user_id, event.item_ids)
 
 
-class Poller:
-    """Applies other writers' events every `poll_seconds` and exports the store's gauges."""
+class Backoff:
+    """Retry delays: `first` seconds, doubling up to `cap`; `reset()` after a success."""
 
-    def __init__(self, holder, metrics, poll_seconds: float = 2.0):
-        self.holder, self.metrics, self.poll_seconds = holder, metrics, poll_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="event-poller", daemon=True)
-        self._last_error = 0.0
+    def __init__(self, first: float = 0.5, cap: float = 10.0):
+        self.first, self.cap = first, cap
+        self._delay = first
 
-    def start(self) -> None:
-        """Start polling."""
-        self._thread.start()
+    def next(self) -> float:
+        """The delay before the next try."""
+        delay, self._delay = self._delay, min(self._delay * 2, self.cap)
+        return delay
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+    def reset(self) -> None:
+        """Start again from the first delay."""
+        self._delay = self.first
+
+
+class ListenLoop:
+    """Keeps one LISTEN connection open (reconnecting with backoff) and wakes the poller on every
+    notification and after every reconnect; the poll stays the fallback for anything missed."""
+
+    WAIT_S = 1.0  # longest block in the listener, so stop() is noticed within it
+
+    def __init__(self, listener, wake: threading.Event, stop: threading.Event, metrics,
+                 poll_seconds: float):
+        self.listener, self.wake, self.stop, self.metrics = listener, wake, stop, metrics
+        self.poll_seconds = poll_seconds
+        self.thread = threading.Thread(target=self._run, name="event-listener", daemon=True)
 
     def _run(self) -> None:
-        """Poll until stopped; never dies on an error."""
-        while not self._stop.wait(self.poll_seconds):
+        """Listen until stopped; a failure is logged once per outage and counted each time."""
+        backoff, up, logged = Backoff(cap=30.0), False, False
+        while not self.stop.is_set():
+            try:
+                if not up:
+                    self.listener.connect()
+                    up = True
+                    self.metrics.store_listening.set(1)
+                    if logged:
+                        log.info("LISTEN on %s is back: other processes' writes apply at once",
+                                 self.listener.display)
+                    logged = False
+                    backoff.reset()
+                    self.wake.set()  # catch up on what was committed while not listening
+                if self.listener.wait(self.WAIT_S):
+                    self.wake.set()
+            except Exception as err:  # noqa: BLE001 - the loop must outlive any outage
+                up = False
+                self.metrics.store_listening.set(0)
+                self.metrics.store_listen_failures.inc()
+                if not logged:
+                    log.warning("LISTEN on the event store failed (%s: %s); reconnecting with "
+                                "backoff, other processes' writes apply every %.1f s meanwhile",
+                                type(err).__name__, err, self.poll_seconds)
+                    logged = True
+                self.stop.wait(backoff.next())
+        self.listener.close()
+        self.metrics.store_listening.set(0)
+
+
+class Poller:
+    """Applies other writers' events every `poll_seconds`, and at once when the store's LISTEN
+    connection (PostgreSQL, `listen`) reports a commit; exports the store's gauges."""
+
+    def __init__(self, holder, metrics, poll_seconds: float = 2.0, listen: bool = True):
+        self.holder, self.metrics, self.poll_seconds = holder, metrics, poll_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-poller", daemon=True)
+        listener = holder.store.listener() if listen else None
+        self.listen = None if listener is None else ListenLoop(
+            listener, self._wake, self._stop, metrics, poll_seconds)
+        self._last_error = 0.0
+        self._last_gauges = 0.0
+
+    def start(self) -> None:
+        """Start polling (and listening)."""
+        self._thread.start()
+        if self.listen is not None:
+            self.listen.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling and listening."""
+        self._stop.set()
+        self._wake.set()
+        for thread in (self._thread, None if self.listen is None else self.listen.thread):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout)
+
+    def _run(self) -> None:
+        """Poll on every wake-up or after `poll_seconds` until stopped; never dies on an error."""
+        while True:
+            self._wake.wait(self.poll_seconds)
+            if self._stop.is_set():
+                return
+            self._wake.clear()  # a commit notified during the poll wakes the next one
             self.poll()
 
     def poll(self) -> None:
-        """One catch-up and gauge update; store errors are logged (at most every 30 s)."""
+        """One catch-up (and gauge update, at most every poll_seconds); store errors are logged
+        (at most every 30 s)."""
         try:
             self.holder.catch_up()
-            self.metrics.store_bytes.set(self.holder.store.disk_bytes())
+            if time.monotonic() - self._last_gauges >= self.poll_seconds:
+                self.metrics.store_bytes.set(self.holder.store.disk_bytes())
+                self._last_gauges = time.monotonic()
         except Exception as err:  # noqa: BLE001 - the poller must outlive a store outage
             self.metrics.store_errors.labels(op="read").inc()
             if time.monotonic() - self._last_error > 30:

@@ -71,6 +71,7 @@ class ModelHolder:
         self.encodes = encodes or EncodePool()
         self.mutation_lock = threading.Lock()
         self.followers: tuple[ModelHolder, ...] = ()  # experiment arms on the same store
+        self.starting: Callable[[], str | None] = lambda: None  # why not loaded yet, if known
 
     def encode(self, model: ServingModel, image: bytes, text: str) -> np.ndarray:
         """A request's item vector, encoded on the bounded encode pool (serve.encoding)."""
@@ -85,7 +86,8 @@ class ModelHolder:
         """The live model, or Unavailable before the first bundle is loaded."""
         model = self.model
         if model is None:
-            raise Unavailable("no bundle is loaded yet")
+            reason = self.starting()
+            raise Unavailable("no bundle is loaded yet" + (f" ({reason})" if reason else ""))
         return model
 
     # -- writes --------------------------------------------------------------------------------

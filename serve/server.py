@@ -8,7 +8,9 @@ free one), so tests and benchmarks can run a real server in-process. The process
 torch nor `train/`.
 
 Lifecycle. The gRPC server starts first with `grpc.health.v1` NOT_SERVING for "" and
-"ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. The watcher thread loads the bundle that
+"ptmrec.v1.Recommender", and RPCs answer UNAVAILABLE. A PostgreSQL store is reached first, in
+the background (serve.storewait: retried with backoff for `store_wait_seconds`, then
+`RunningServer.failure` is set and `exit` fires). Then the watcher thread loads the bundle that
 `bundles/CURRENT` names (sha256-verified, smoke-queried) and only then flips health to SERVING. On
 stop (SIGTERM/SIGINT in `__main__`) health goes NOT_SERVING at once, calls keep being answered for
 `drain_seconds` (so load balancers see NOT_SERVING and move traffic away; a second signal cuts
@@ -22,7 +24,8 @@ DeleteItem and RecordInteractions commit to the event store before they answer O
 the store's events after the bundle's watermark are applied (upserts re-encoded with the new
 encoder) before one reference is swapped; a broken bundle is refused
 (`recsys_reloads_total{result="failure"}`) and the old one keeps serving. A poller thread applies
-the writes of other processes on the same store every `poll_seconds`.
+the writes of other processes on the same store, woken at once by PostgreSQL's LISTEN/NOTIFY
+(`store_listen`) and every `poll_seconds` in any case.
 
 Concurrency. A thread pool serves RPCs (the Python gRPC layer costs ~0.3 ms of CPU per RPC and
 holds the GIL for it; to use more cores, run several processes with `--reuse-port` on the same
@@ -43,7 +46,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.events import SQLStore, StoreError, open_store
+from index.events import SQLStore, StoreError, is_postgres, open_store
+from index.events.postgres import redact
 from serve._gen.ptmrec.v1 import recommender_pb2_grpc as pb_grpc
 from serve.arms import ExperimentWatcher, Router
 from serve.auth import AuthConfig, Authenticator, KeyFileError, check_exposure
@@ -55,6 +59,7 @@ from serve.metrics import Metrics
 from serve.online import FoldIn, Poller
 from serve.reload import ModelHolder, Watcher, build_model
 from serve.servicer import SERVICE_NAME, RecommenderServicer
+from serve.storewait import StoreWait
 from serve.ui import InspectionServer, start_ui
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,10 @@ class ServerConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     poll_seconds: float = Field(2.0, gt=0)
+    store_listen: bool = Field(True, description="PostgreSQL: apply other processes' writes as "
+                               "soon as they commit (LISTEN/NOTIFY), not only every poll")
+    store_wait_seconds: float = Field(300.0, ge=0, description="how long to wait for an "
+                                      "unreachable PostgreSQL store at start; 0: forever")
     retry_seconds: float = Field(60.0, ge=0)
     workers: int = Field(8, ge=1)
     max_concurrent_rpcs: int = Field(256, ge=1)
@@ -99,11 +108,13 @@ class ServerConfig(BaseModel):
 
 
 def open_event_store(cfg: ServerConfig) -> SQLStore:
-    """Open (and create) the event store, or fail with a message that says what to change."""
+    """Open the event store (SQLite: created now; PostgreSQL: connected later, by StoreWait), or
+    fail with a message that says what to change."""
+    url = cfg.store_url()
     try:
-        return open_store(cfg.store_url())
+        return open_store(url, create=not is_postgres(url))
     except (StoreError, OSError) as err:
-        raise RuntimeError(f"cannot open the event store {cfg.store_url()}: {err} (pass --state "
+        raise RuntimeError(f"cannot open the event store {redact(url)}: {err} (pass --state "
                            f"DIR on a writable disk, or --store postgresql://...)") from err
 
 
@@ -120,9 +131,13 @@ class RunningServer:
         self.health, self.metrics = health_servicer, metrics
         self.grace = grace
         self.ready = threading.Event()
+        self.exit = threading.Event()  # set by fail() (and by __main__'s signal handler)
+        self.failure: str | None = None
         self._stopped = False
+        self._lock = threading.Lock()
         self._drain_cut = threading.Event()
         self.experiments: ExperimentWatcher | None = None
+        self.store_wait: StoreWait | None = None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a bundle is loaded and SERVING (or timeout); returns whether it is."""
@@ -134,12 +149,30 @@ class RunningServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
 
+    def begin(self) -> None:
+        """The store answered: start the watcher (load, replay, SERVING), poller and experiments."""
+        with self._lock:
+            if self._stopped:
+                return
+            self.watcher.start()
+            self.poller.start()
+            if self.experiments is not None:
+                self.experiments.start()
+
+    def fail(self, message: str) -> None:
+        """The server cannot start serving: record why and wake whoever waits on `exit`."""
+        self.failure = message
+        self.exit.set()
+
     def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
         """Health NOT_SERVING, keep answering for `drain` seconds, stop the threads, let in-flight
         RPCs finish within the grace period, close the store."""
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if self.store_wait is not None:
+            self.store_wait.stop()
         self.health.enter_graceful_shutdown()
         if drain > 0:
             log.info("health NOT_SERVING; draining for %.1f s before refusing new calls", drain)
@@ -273,7 +306,7 @@ def start(cfg: ServerConfig) -> RunningServer:
                            cfg.limits.max_image_aspect)
 
     watcher = Watcher(cfg.bundles, holder, build, metrics, cfg.poll_seconds, cfg.retry_seconds)
-    poller = Poller(holder, metrics, cfg.poll_seconds)
+    poller = Poller(holder, metrics, cfg.poll_seconds, cfg.store_listen)
     running = RunningServer(server, port, metrics_port, holder, watcher, poller, health_servicer,
                             metrics, cfg.grace_seconds, ui)
     running.experiments = ExperimentWatcher(cfg.bundles, holder, router, build, metrics,
@@ -290,10 +323,11 @@ def start(cfg: ServerConfig) -> RunningServer:
         running.set_serving(model)
 
     watcher.on_swap = on_swap
+    running.store_wait = StoreWait(holder.store, metrics, cfg.store_wait_seconds, running.begin,
+                                   running.fail)
+    holder.starting = lambda: running.store_wait.waiting_for
     server.start()
-    watcher.start()
-    poller.start()
-    running.experiments.start()
+    running.store_wait.start()
     log.info("gRPC on %s:%d (%s, %s), bundles from %s, event store %s", cfg.host, port,
              "mutual TLS" if cfg.auth.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext",
              "API keys" if auth else "anonymous", cfg.bundles, holder.store.display)

@@ -69,6 +69,13 @@ class SQLStore:
     def _after_error(self) -> None:
         """Called (lock held) after a classified failure, e.g. to drop a broken connection."""
 
+    def _announce(self, cur, event_id: int) -> None:
+        """Tell other processes about a new event, inside its write transaction (none here)."""
+
+    def listener(self):
+        """A connection that wakes on other processes' commits, or None: poll only (SQLite)."""
+        return None
+
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk."""
         raise NotImplementedError
@@ -157,6 +164,7 @@ class SQLStore:
                 "ON CONFLICT (request_id) DO NOTHING RETURNING id"), row)
             got = cur.fetchone()
             if got is not None:
+                self._announce(cur, int(got[0]))
                 return int(got[0]), False
             cur.execute(self._sql("SELECT id FROM events WHERE request_id = ?"),
                         (stamped.request_id,))
