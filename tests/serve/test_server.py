@@ -212,7 +212,9 @@ def test_sigterm_drains(bundle_v1, tmp_path):
     assert len(during) > 20 and set(during) == {"OK"}, set(during)
     print(f"health NOT_SERVING after {flipped * 1000:.1f} ms, {len(during)} calls OK during the "
           f"drain, exit after {exited:.2f} s")
-    assert drain <= exited < drain + grace + 1.5
+    # the upper bound leaves 3 s for interpreter exit on a loaded machine; the defaults (drain 2 s,
+    # grace 5 s) would take 7 s
+    assert drain <= exited < drain + grace + 3.0
 
 
 def test_tls(tmp_path):
