@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Build the Dockerfile's images with buildah (no Docker daemon), run the serving image and check it
+# from outside the container.
+#
+# Usage (as root, from anywhere; Debian bookworm host with `apt-get install buildah debootstrap`):
+#   deploy/build_images.sh            # base (cached) + serve image, then run it and check it
+#   deploy/build_images.sh --train    # also build the train target (torch: large and slow)
+#   deploy/build_images.sh --no-run   # build only
+# Environment:
+#   PYTHON       host interpreter with the project installed (default: .venv/bin/python, else python3)
+#   MIRROR       Debian mirror for debootstrap (default: the first URI in /etc/apt/sources.list*)
+#   BASE_IMAGE   stand-in base tag (default: localhost/ptmrec-base:bookworm)
+#   PYTHON_IMAGE use this base instead of making one (e.g. python:3.11-slim where a registry answers)
+#
+# Steps, each idempotent:
+#  1. Stand-in base: Docker Hub may be unreachable, so debootstrap makes a bookworm rootfs with
+#     python3 3.11, python3-venv, python3-pip, python-is-python3 and ca-certificates, imported as
+#     $BASE_IMAGE with PIP_BREAK_SYSTEM_PACKAGES=1 (Debian's pip refuses system installs otherwise).
+#     Skipped when the image already exists.
+#  2. `buildah bud --isolation chroot --layers --target serve` (and train with --train). The
+#     machine's pip configuration (config files, the certificate, constraints and find-links / file://
+#     index folders they name) is mounted read-only into every RUN step with -v, so pip inside the
+#     build reaches the package registry the same way pip on the host does.
+#  3. A synthetic bundle (bench.bundle_factory) goes to a temporary host folder; the image's
+#     ENTRYPOINT runs under `buildah run --isolation chroot --network host` with the bundles mounted
+#     at /srv/bundles (not the VOLUME path /bundles) and an API key file: the entrypoint binds
+#     0.0.0.0, so the server runs authenticated rather than with --insecure-allow-anonymous.
+#  4. From outside the container, the host's `python -m serve.client` checks health (SERVING) and a
+#     Recommend answer with the read key; the script prints build times, image sizes and the time to
+#     SERVING, stops the server (SIGTERM) and removes the container and the temporary folder.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BASE_IMAGE=${BASE_IMAGE:-localhost/ptmrec-base:bookworm}
+BUILD_TRAIN=0
+RUN_SERVE=1
+for arg in "$@"; do
+  case $arg in
+    --train) BUILD_TRAIN=1 ;;
+    --no-run) RUN_SERVE=0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: apt-get install -y $tool" >&2; exit 1; }
+done
+[[ $(id -u) == 0 ]] || { echo "run as root (buildah --isolation chroot, debootstrap)" >&2; exit 1; }
+
+log() { printf '[build_images %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+declare -A FIGURES=()
+FIGURE_ORDER=()
+figure() { FIGURES[$1]=$2; FIGURE_ORDER+=("$1"); log "$1: $2"; }
+image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
+
+debian_mirror() {
+  # The first Debian archive URI the host's apt uses (deb822 or one-line sources).
+  local uri
+  uri=$(grep -hs -E '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' \
+        | grep -v -- '-security' | head -n1 || true)
+  [[ -n $uri ]] || uri=$(grep -hs -E '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+        | awk '{print $2}' | grep -v -- '-security' | head -n1 || true)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+make_base() {
+  # Step 1: the stand-in for python:3.11-slim.
+  if image_exists "$BASE_IMAGE"; then log "base $BASE_IMAGE exists: kept"; figure base_build "cached"; return; fi
+  local mirror=${MIRROR:-$(debian_mirror)} rootfs ctr mnt start
+  rootfs=$(mktemp -d /var/tmp/ptmrec-rootfs.XXXXXX)
+  start=$SECONDS
+  log "debootstrap bookworm from $mirror into $rootfs"
+  debootstrap --variant=minbase \
+    --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
+    bookworm "$rootfs" "$mirror"
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  ctr=$(buildah from scratch)
+  mnt=$(buildah mount "$ctr")
+  tar -C "$rootfs" --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* -cf - . | tar -C "$mnt" -xpf -
+  buildah umount "$ctr" >/dev/null
+  buildah config --env PIP_BREAK_SYSTEM_PACKAGES=1 --env LANG=C.UTF-8 \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd python3 "$ctr"
+  buildah commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
+  rm -rf "$rootfs"
+  figure base_build "$((SECONDS - start)) s (debootstrap + import)"
+}
+
+pip_mounts() {
+  # Step 2's -v options: the host's pip config files and every path they name that exists.
+  "$PYTHON" - <<'EOF'
+import configparser, os
+from pathlib import Path
+
+home = Path.home()
+files = {Path("/etc/pip.conf"): Path("/etc/pip.conf"),
+         Path("/etc/xdg/pip/pip.conf"): Path("/etc/xdg/pip/pip.conf"),
+         home / ".pip/pip.conf": Path("/root/.pip/pip.conf"),
+         home / ".config/pip/pip.conf": Path("/root/.config/pip/pip.conf")}
+if os.environ.get("PIP_CONFIG_FILE"):
+    files[Path(os.environ["PIP_CONFIG_FILE"])] = Path("/etc/pip.conf")
+mounts = {}
+for host, inside in files.items():
+    if not host.is_file():
+        continue
+    mounts[host] = inside
+    parser = configparser.ConfigParser()
+    parser.read(host)
+    for section in parser.sections():
+        for key in ("cert", "client-cert", "constraint", "requirement", "find-links",
+                    "index-url", "extra-index-url"):
+            for word in parser.get(section, key, fallback="").split():
+                path = Path(word.removeprefix("file://"))
+                if path.is_absolute() and path.exists():
+                    # an index URL's folder (…/simple) may link files elsewhere in its parent
+                    path = path.parent if key.endswith("index-url") else path
+                    mounts[path] = path
+for host, inside in mounts.items():
+    print(f"-v={host}:{inside}:ro")
+EOF
+}
+
+build_target() {
+  # Step 2: one Dockerfile target; figure NAME gets its build time.
+  local target=$1 tag=$2 start
+  start=$SECONDS
+  log "buildah bud --target $target -t $tag (base $PYTHON_IMAGE)"
+  buildah bud --isolation chroot --layers --format docker --target "$target" \
+    --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" "${MOUNTS[@]}" -t "$tag" -f "$ROOT/Dockerfile" "$ROOT"
+  figure "${target}_build" "$((SECONDS - start)) s"
+  figure "${target}_size" "$(buildah images --format '{{.Size}}' "$tag" | head -n1)"
+}
+
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+run_serve() {
+  # Steps 3 and 4: the serving image's entrypoint, checked from outside.
+  local tmp port metrics key ctr pid start entry rc=0
+  tmp=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
+  ctr=""
+  pid=""
+  cleanup_run() {
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"; wait "$pid" || true
+    fi
+    [[ -n $ctr ]] && buildah rm "$ctr" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+  }
+  trap cleanup_run EXIT
+  (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -c \
+    'import sys; from pathlib import Path; from bench.bundle_factory import write_test_bundle; print(write_test_bundle(Path(sys.argv[1])))' \
+    "$tmp/bundles") >/dev/null
+  mkdir -p "$tmp/state" "$tmp/secrets"
+  chown 10001 "$tmp/state"
+  chmod -R a+rX "$tmp/bundles"
+  key=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  printf 'read:%s\n' "$key" > "$tmp/secrets/keys"
+  printf '%s' "$key" > "$tmp/client-key"
+  chmod a+r "$tmp/secrets/keys"
+  port=$(free_port)
+  metrics=$(free_port)
+  ctr=$(buildah from ptmrec-serve)
+  # The image's ENTRYPOINT as a word list; later flags override its defaults (argparse: last wins).
+  mapfile -t entry < <(buildah inspect --type image --format '{{range .Docker.Config.Entrypoint}}{{println .}}{{end}}' ptmrec-serve | sed '/^$/d')
+  log "running ${entry[*]} on 0.0.0.0:$port (metrics $metrics), bundles at /srv/bundles"
+  start=$(date +%s.%N)
+  buildah run --isolation chroot --network host \
+    -v "$tmp/bundles:/srv/bundles:ro" -v "$tmp/state:/srv/state" \
+    -v "$tmp/secrets/keys:/run/secrets/ptmrec-keys:ro" "$ctr" -- "${entry[@]}" \
+    --bundles /srv/bundles --state /srv/state --port "$port" --metrics-port "$metrics" \
+    --api-keys /run/secrets/ptmrec-keys --log-level INFO > "$tmp/server.log" 2>&1 &
+  pid=$!
+  local client=("$PYTHON" -m serve.client --target "127.0.0.1:$port" --timeout 3)
+  until (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" health >/dev/null 2>&1); do
+    if ! kill -0 "$pid" 2>/dev/null || (( $(date +%s) - ${start%.*} > 300 )); then
+      log "server never became SERVING; its log:"; cat "$tmp/server.log"; exit 1
+    fi
+    sleep 0.2
+  done
+  figure time_to_serving "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (buildah run start to health SERVING)"
+  log "health from outside: $(cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" health 2>&1; echo " (exit $?)")"
+  log "recommend --user 10 -k 5 from outside, with the read key:"
+  (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" --api-key-file "$tmp/client-key" recommend --user 10 -k 5) || rc=$?
+  log "recommend without a key (must be refused):"
+  if (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" recommend --user 10 -k 5) 2>&1 | tail -n1; then :; fi
+  curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -m3 '^ptmrec_' || true
+  kill -TERM "$pid"
+  wait "$pid" || log "server exit status $? after SIGTERM"
+  pid=""
+  log "server log (last lines):"; tail -n 5 "$tmp/server.log"
+  (( rc == 0 )) || { log "recommend failed"; exit 1; }
+}
+
+cd "$ROOT"
+mapfile -t MOUNTS < <(pip_mounts)
+log "pip mounts: ${MOUNTS[*]}"
+if [[ -n ${PYTHON_IMAGE:-} ]]; then figure base_build "given: $PYTHON_IMAGE"; else make_base; PYTHON_IMAGE=$BASE_IMAGE; fi
+figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"
+build_target serve ptmrec-serve
+(( BUILD_TRAIN )) && build_target train ptmrec-train
+(( RUN_SERVE )) && run_serve
+echo "figures:"
+for name in "${FIGURE_ORDER[@]}"; do printf '  %-16s %s\n' "$name" "${FIGURES[$name]}"; done
