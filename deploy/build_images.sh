@@ -135,71 +135,107 @@ build_target() {
 
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
+client() { (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -m serve.client --target "127.0.0.1:$PORT" --timeout 3 "$@"); }
+
+server_pid() {
+  # The `python -m serve` process under `buildah run` PID (chroot isolation keeps the host's PIDs).
+  local queue=("$1") p
+  while (( ${#queue[@]} )); do
+    p=${queue[0]}; queue=("${queue[@]:1}")
+    if [[ $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null) =~ ^[^\ ]*python[0-9.]*\ -m\ serve\  ]]; then
+      echo "$p"; return 0
+    fi
+    mapfile -t -O "${#queue[@]}" queue < <(ps -o pid= --ppid "$p" | tr -d ' ')
+  done
+  return 1
+}
+
+cleanup() {
+  # Stop a server still running (error path), remove the working container and the temporary folder.
+  if [[ -n $RUN_PID ]] && kill -0 "$RUN_PID" 2>/dev/null; then
+    kill -TERM "$(server_pid "$RUN_PID" || echo "$RUN_PID")" 2>/dev/null || true
+    wait "$RUN_PID" || true
+  fi
+  if [[ -n $CTR ]]; then buildah rm "$CTR" >/dev/null 2>&1 || true; fi
+  if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
+}
+
+prepare_run() {
+  # Step 3's host side: a synthetic bundle, a writable state folder, a read key, two free ports.
+  TMP=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
+  (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -c 'import sys; from pathlib import Path
+from bench.bundle_factory import write_test_bundle
+write_test_bundle(Path(sys.argv[1]))' "$TMP/bundles")
+  mkdir -p "$TMP/state" "$TMP/secrets"
+  chown 10001 "$TMP/state"                      # the image's `app` user
+  chmod -R a+rX "$TMP/bundles"
+  KEY=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  printf 'read:%s\n' "$KEY" > "$TMP/secrets/keys"
+  chmod a+r "$TMP/secrets/keys"
+  printf '%s' "$KEY" > "$TMP/client-key"
+  PORT=$(free_port)
+  METRICS=$(free_port)
+}
+
 run_serve() {
   # Steps 3 and 4: the serving image's entrypoint, checked from outside.
-  local tmp port metrics key ctr pid start entry rc=0
-  tmp=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
-  ctr=""
-  pid=""
-  cleanup_run() {
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid"; wait "$pid" || true
-    fi
-    [[ -n $ctr ]] && buildah rm "$ctr" >/dev/null 2>&1 || true
-    rm -rf "$tmp"
-  }
-  trap cleanup_run EXIT
-  (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -c \
-    'import sys; from pathlib import Path; from bench.bundle_factory import write_test_bundle; print(write_test_bundle(Path(sys.argv[1])))' \
-    "$tmp/bundles") >/dev/null
-  mkdir -p "$tmp/state" "$tmp/secrets"
-  chown 10001 "$tmp/state"
-  chmod -R a+rX "$tmp/bundles"
-  key=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-  printf 'read:%s\n' "$key" > "$tmp/secrets/keys"
-  printf '%s' "$key" > "$tmp/client-key"
-  chmod a+r "$tmp/secrets/keys"
-  port=$(free_port)
-  metrics=$(free_port)
-  ctr=$(buildah from ptmrec-serve)
+  local start entry stop status
+  prepare_run
+  CTR=$(buildah from ptmrec-serve)
   # The image's ENTRYPOINT as a word list; later flags override its defaults (argparse: last wins).
-  mapfile -t entry < <(buildah inspect --type image --format '{{range .Docker.Config.Entrypoint}}{{println .}}{{end}}' ptmrec-serve | sed '/^$/d')
-  log "running ${entry[*]} on 0.0.0.0:$port (metrics $metrics), bundles at /srv/bundles"
+  mapfile -t entry < <(buildah inspect --type image \
+    --format '{{range .Docker.Config.Entrypoint}}{{println .}}{{end}}' ptmrec-serve | sed '/^$/d')
+  log "running ${entry[*]} + overrides on 0.0.0.0:$PORT (metrics $METRICS), bundles at /srv/bundles"
   start=$(date +%s.%N)
   buildah run --isolation chroot --network host \
-    -v "$tmp/bundles:/srv/bundles:ro" -v "$tmp/state:/srv/state" \
-    -v "$tmp/secrets/keys:/run/secrets/ptmrec-keys:ro" "$ctr" -- "${entry[@]}" \
-    --bundles /srv/bundles --state /srv/state --port "$port" --metrics-port "$metrics" \
-    --api-keys /run/secrets/ptmrec-keys --log-level INFO > "$tmp/server.log" 2>&1 &
-  pid=$!
-  local client=("$PYTHON" -m serve.client --target "127.0.0.1:$port" --timeout 3)
-  until (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" health >/dev/null 2>&1); do
-    if ! kill -0 "$pid" 2>/dev/null || (( $(date +%s) - ${start%.*} > 300 )); then
-      log "server never became SERVING; its log:"; cat "$tmp/server.log"; exit 1
+    -v "$TMP/bundles:/srv/bundles:ro" -v "$TMP/state:/srv/state" \
+    -v "$TMP/secrets/keys:/run/secrets/ptmrec-keys:ro" "$CTR" -- "${entry[@]}" \
+    --bundles /srv/bundles --state /srv/state --port "$PORT" --metrics-port "$METRICS" \
+    --api-keys /run/secrets/ptmrec-keys --log-level INFO > "$TMP/server.log" 2>&1 &
+  RUN_PID=$!
+  until client health >/dev/null 2>&1; do
+    if ! kill -0 "$RUN_PID" 2>/dev/null || (( $(date +%s) - ${start%.*} > 300 )); then
+      log "server never became SERVING; its log:"; cat "$TMP/server.log"; exit 1
     fi
     sleep 0.2
   done
-  figure time_to_serving "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (buildah run start to health SERVING)"
-  log "health from outside: $(cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" health 2>&1; echo " (exit $?)")"
-  log "recommend --user 10 -k 5 from outside, with the read key:"
-  (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" --api-key-file "$tmp/client-key" recommend --user 10 -k 5) || rc=$?
-  log "recommend without a key (must be refused):"
-  if (cd "$ROOT" && PYTHONPATH=$ROOT "${client[@]}" recommend --user 10 -k 5) 2>&1 | tail -n1; then :; fi
-  curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -m3 '^ptmrec_' || true
-  kill -TERM "$pid"
-  wait "$pid" || log "server exit status $? after SIGTERM"
-  pid=""
-  log "server log (last lines):"; tail -n 5 "$tmp/server.log"
-  (( rc == 0 )) || { log "recommend failed"; exit 1; }
+  figure time_to_serving "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (buildah run to health SERVING)"
+  log "from outside: serve.client health -> $(client health)"
+  log "from outside: serve.client --api-key-file KEY recommend --user 10 -k 5 ->"
+  client --api-key-file "$TMP/client-key" recommend --user 10 -k 5
+  if client recommend --user 10 -k 5 > "$TMP/anon.out" 2>&1; then
+    log "recommend without a key was answered: authentication is off"; exit 1
+  fi
+  log "from outside: recommend without a key -> $(tail -n1 "$TMP/anon.out")"
+  log "metrics: HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$METRICS/metrics") without the key, $(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$METRICS/metrics") with it"
+  stop=$(date +%s.%N)
+  kill -TERM "$(server_pid "$RUN_PID")"
+  status=0
+  wait "$RUN_PID" || status=$?
+  RUN_PID=""
+  figure sigterm_to_exit "$(awk -v a="$stop" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (exit status $status)"
+  log "server log (last lines):"; tail -n 4 "$TMP/server.log"
+  (( status == 0 )) || { log "the server did not stop cleanly"; exit 1; }
 }
 
-cd "$ROOT"
-mapfile -t MOUNTS < <(pip_mounts)
-log "pip mounts: ${MOUNTS[*]}"
-if [[ -n ${PYTHON_IMAGE:-} ]]; then figure base_build "given: $PYTHON_IMAGE"; else make_base; PYTHON_IMAGE=$BASE_IMAGE; fi
-figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"
-build_target serve ptmrec-serve
-(( BUILD_TRAIN )) && build_target train ptmrec-train
-(( RUN_SERVE )) && run_serve
-echo "figures:"
-for name in "${FIGURE_ORDER[@]}"; do printf '  %-16s %s\n' "$name" "${FIGURES[$name]}"; done
+main() {
+  cd "$ROOT"
+  trap cleanup EXIT
+  mapfile -t MOUNTS < <(pip_mounts)
+  log "pip mounts: ${MOUNTS[*]}"
+  if [[ -n ${PYTHON_IMAGE:-} ]]; then
+    figure base_build "given: $PYTHON_IMAGE"
+  else
+    make_base
+    PYTHON_IMAGE=$BASE_IMAGE
+  fi
+  figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"
+  build_target serve ptmrec-serve
+  if (( BUILD_TRAIN )); then build_target train ptmrec-train; fi
+  if (( RUN_SERVE )); then run_serve; fi
+  echo "figures:"
+  for name in "${FIGURE_ORDER[@]}"; do printf '  %-16s %s\n' "$name" "${FIGURES[$name]}"; done
+}
+
+TMP="" CTR="" RUN_PID="" PORT="" METRICS="" KEY=""
+main "$@"; exit $?   # parsed whole before it runs: editing the file mid-run is harmless
