@@ -69,22 +69,26 @@ debian_mirror() {
 make_base() {
   # Step 1: the stand-in for python:3.11-slim.
   if image_exists "$BASE_IMAGE"; then log "base $BASE_IMAGE exists: kept"; figure base_build "cached"; return; fi
-  local mirror=${MIRROR:-$(debian_mirror)} rootfs ctr mnt start
+  local mirror=${MIRROR:-$(debian_mirror)} rootfs mnt start
   rootfs=$(mktemp -d /var/tmp/ptmrec-rootfs.XXXXXX)
+  ROOTFS=$rootfs
   start=$SECONDS
   log "debootstrap bookworm from $mirror into $rootfs"
   debootstrap --variant=minbase \
     --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
     bookworm "$rootfs" "$mirror"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  ctr=$(buildah from scratch)
-  mnt=$(buildah mount "$ctr")
-  tar -C "$rootfs" --exclude=./dev/* --exclude=./proc/* --exclude=./sys/* -cf - . | tar -C "$mnt" -xpf -
-  buildah umount "$ctr" >/dev/null
+  CTR=$(buildah from scratch)
+  mnt=$(buildah mount "$CTR")
+  tar -C "$rootfs" --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' -cf - . \
+    | tar -C "$mnt" -xpf -
+  buildah umount "$CTR" >/dev/null
   buildah config --env PIP_BREAK_SYSTEM_PACKAGES=1 --env LANG=C.UTF-8 \
-    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd python3 "$ctr"
-  buildah commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd python3 "$CTR"
+  buildah commit --rm "$CTR" "$BASE_IMAGE" >/dev/null
+  CTR=""
   rm -rf "$rootfs"
+  ROOTFS=""
   figure base_build "$((SECONDS - start)) s (debootstrap + import)"
 }
 
@@ -151,13 +155,16 @@ server_pid() {
 }
 
 cleanup() {
-  # Stop a server still running (error path), remove the working container and the temporary folder.
+  # On exit: stop a server still running, remove working containers and temporary folders.
   if [[ -n $RUN_PID ]] && kill -0 "$RUN_PID" 2>/dev/null; then
     kill -TERM "$(server_pid "$RUN_PID" || echo "$RUN_PID")" 2>/dev/null || true
     wait "$RUN_PID" || true
   fi
   if [[ -n $CTR ]]; then buildah rm "$CTR" >/dev/null 2>&1 || true; fi
   if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
+  if [[ -n $ROOTFS ]]; then   # a failed base build; never delete through a mount debootstrap left
+    if grep -q " $ROOTFS/" /proc/mounts; then log "left $ROOTFS: mounts under it"; else rm -rf "$ROOTFS"; fi
+  fi
 }
 
 prepare_run() {
@@ -237,5 +244,5 @@ main() {
   for name in "${FIGURE_ORDER[@]}"; do printf '  %-16s %s\n' "$name" "${FIGURES[$name]}"; done
 }
 
-TMP="" CTR="" RUN_PID="" PORT="" METRICS="" KEY=""
+TMP="" CTR="" ROOTFS="" RUN_PID="" PORT="" METRICS="" KEY=""
 main "$@"; exit $?   # parsed whole before it runs: editing the file mid-run is harmless
