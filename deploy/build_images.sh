@@ -4,13 +4,16 @@
 #
 # Usage (as root, from anywhere; Debian bookworm host with `apt-get install buildah debootstrap`):
 #   deploy/build_images.sh            # base (cached) + serve image, then run it and check it
-#   deploy/build_images.sh --train    # also build the train target (torch: large and slow)
+#   deploy/build_images.sh --train    # also build the train target (torch: large and slow) and
+#                                     # serve a bundle that the train image trains and exports
 #   deploy/build_images.sh --no-run   # build only
 # Environment:
 #   PYTHON       host interpreter with the project installed (default: .venv/bin/python, else python3)
 #   MIRROR       Debian mirror for debootstrap (default: the first URI in /etc/apt/sources.list*)
 #   BASE_IMAGE   stand-in base tag (default: localhost/ptmrec-base:bookworm)
 #   PYTHON_IMAGE use this base instead of making one (e.g. python:3.11-slim where a registry answers)
+#   BUD_ARGS     more `buildah bud` options, e.g. for a CPU-only torch in the train image:
+#                BUD_ARGS="--build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu"
 #
 # Steps, each idempotent:
 #  1. Stand-in base: Docker Hub may be unreachable, so debootstrap makes a bookworm rootfs with
@@ -25,9 +28,10 @@
 #     ENTRYPOINT runs under `buildah run --isolation chroot --network host` with the bundles mounted
 #     at /srv/bundles (not the VOLUME path /bundles) and an API key file: the entrypoint binds
 #     0.0.0.0, so the server runs authenticated rather than with --insecure-allow-anonymous.
-#  4. From outside the container, the host's `python -m serve.client` checks health (SERVING) and a
-#     Recommend answer with the read key; the script prints build times, image sizes and the time to
-#     SERVING, stops the server (SIGTERM) and removes the container and the temporary folder.
+#  4. From outside the container, the host's `python -m serve.client` checks health (SERVING), a
+#     Recommend answer with the read key, that Recommend without it is refused and that metrics need
+#     it; the script prints build times, image sizes and the time to SERVING, stops the server with
+#     SIGTERM (it must exit 0) and removes the working container and the temporary folder.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -68,7 +72,9 @@ debian_mirror() {
 
 make_base() {
   # Step 1: the stand-in for python:3.11-slim.
-  if image_exists "$BASE_IMAGE"; then log "base $BASE_IMAGE exists: kept"; figure base_build "cached"; return; fi
+  if image_exists "$BASE_IMAGE"; then
+    log "base $BASE_IMAGE exists: kept"; figure base_build "cached"; return
+  fi
   local mirror=${MIRROR:-$(debian_mirror)} rootfs mnt start
   rootfs=$(mktemp -d /var/tmp/ptmrec-rootfs.XXXXXX)
   ROOTFS=$rootfs
@@ -132,14 +138,21 @@ build_target() {
   start=$SECONDS
   log "buildah bud --target $target -t $tag (base $PYTHON_IMAGE)"
   buildah bud --isolation chroot --layers --format docker --target "$target" \
-    --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" "${MOUNTS[@]}" -t "$tag" -f "$ROOT/Dockerfile" "$ROOT"
+    --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" "${MOUNTS[@]}" "${BUD_EXTRA[@]}" \
+    -t "$tag" -f "$ROOT/Dockerfile" "$ROOT"
   figure "${target}_build" "$((SECONDS - start)) s"
   figure "${target}_size" "$(buildah images --format '{{.Size}}' "$tag" | head -n1)"
 }
 
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() {
+  "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
-client() { (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -m serve.client --target "127.0.0.1:$PORT" --timeout 3 "$@"); }
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }  # seconds, 0.1
+
+client() {
+  (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -m serve.client --target "127.0.0.1:$PORT" --timeout 3 "$@")
+}
 
 server_pid() {
   # The `python -m serve` process under `buildah run` PID (chroot isolation keeps the host's PIDs).
@@ -154,6 +167,50 @@ server_pid() {
   return 1
 }
 
+entrypoint() {
+  # An image's ENTRYPOINT, one word a line.
+  buildah inspect --type image --format '{{range .Docker.Config.Entrypoint}}{{println .}}{{end}}' "$1" \
+    | sed '/^$/d'
+}
+
+train_bundle() {
+  # With --train: the bundle the serving image loads is made by the train image: a synthetic
+  # catalogue, `python -m train` (the image's ENTRYPOINT) on a miniature of configs/demo.yaml, export.
+  local entry start
+  mkdir -p "$TMP/work"
+  cat > "$TMP/work/tiny.yaml" <<'YAML'
+seed: 3
+data: {path: /work/data}
+encoders:
+  image: {name: openclip_image, model: ptmrec-tiny, init_seed: 0}
+  cache_dir: /work/cache
+backbone: {name: lightgcn, embedding_size: 16, n_layers: 2}
+heads: {modalities: [image]}
+cold_start: {holdout_fraction: 0.1, ks: [10, 20]}
+optim: {batch_size: 512, epochs: 3}
+eval: {ks: [10, 20], patience: 5}
+YAML
+  chown -R 10001 "$TMP/work"                    # the image's `app` user
+  mapfile -t entry < <(entrypoint ptmrec-train)
+  CTR=$(buildah from ptmrec-train)
+  start=$SECONDS
+  log "train image: synthetic catalogue, ${entry[*]} --config tiny.yaml, export"
+  if ! { buildah run --isolation chroot -v "$TMP/work:/work" "$CTR" -- python -m train.synthetic \
+           --out /work/data --users 100 --items 60 --seed 5 \
+      && buildah run --isolation chroot -v "$TMP/work:/work" "$CTR" -- "${entry[@]}" \
+           --config /work/tiny.yaml --out /work/run \
+      && buildah run --isolation chroot -v "$TMP/work:/work" "$CTR" -- python -m export \
+           --run /work/run --bundles /work/bundles --factory Flat --publish; } > "$TMP/train.log" 2>&1
+  then
+    log "the train image failed; its log:"; cat "$TMP/train.log"; exit 1
+  fi
+  buildah rm "$CTR" >/dev/null
+  CTR=""
+  figure train_export "$((SECONDS - start)) s (100 users, 60 items, 3 epochs, CPU)"
+  log "train image: $(tail -n 1 "$TMP/train.log")"
+  mv "$TMP/work/bundles" "$TMP/bundles"
+}
+
 cleanup() {
   # On exit: stop a server still running, remove working containers and temporary folders.
   if [[ -n $RUN_PID ]] && kill -0 "$RUN_PID" 2>/dev/null; then
@@ -163,14 +220,18 @@ cleanup() {
   if [[ -n $CTR ]]; then buildah rm "$CTR" >/dev/null 2>&1 || true; fi
   if [[ -n $TMP ]]; then rm -rf "$TMP"; fi
   if [[ -n $ROOTFS ]]; then   # a failed base build; never delete through a mount debootstrap left
-    if grep -q " $ROOTFS/" /proc/mounts; then log "left $ROOTFS: mounts under it"; else rm -rf "$ROOTFS"; fi
+    if grep -q " $ROOTFS/" /proc/mounts; then
+      log "left $ROOTFS: mounts under it"
+    else
+      rm -rf "$ROOTFS"
+    fi
   fi
 }
 
 prepare_run() {
-  # Step 3's host side: a synthetic bundle, a writable state folder, a read key, two free ports.
-  TMP=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
-  (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -c 'import sys; from pathlib import Path
+  # Step 3's host side: a bundle (synthetic unless --train made one), a writable state folder,
+  # a read key, two free ports.
+  [[ -d $TMP/bundles ]] || (cd "$ROOT" && PYTHONPATH=$ROOT "$PYTHON" -c 'import sys; from pathlib import Path
 from bench.bundle_factory import write_test_bundle
 write_test_bundle(Path(sys.argv[1]))' "$TMP/bundles")
   mkdir -p "$TMP/state" "$TMP/secrets"
@@ -189,9 +250,7 @@ run_serve() {
   local start entry stop status
   prepare_run
   CTR=$(buildah from ptmrec-serve)
-  # The image's ENTRYPOINT as a word list; later flags override its defaults (argparse: last wins).
-  mapfile -t entry < <(buildah inspect --type image \
-    --format '{{range .Docker.Config.Entrypoint}}{{println .}}{{end}}' ptmrec-serve | sed '/^$/d')
+  mapfile -t entry < <(entrypoint ptmrec-serve)   # later flags override its defaults (last wins)
   log "running ${entry[*]} + overrides on 0.0.0.0:$PORT (metrics $METRICS), bundles at /srv/bundles"
   start=$(date +%s.%N)
   buildah run --isolation chroot --network host \
@@ -206,7 +265,7 @@ run_serve() {
     fi
     sleep 0.2
   done
-  figure time_to_serving "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (buildah run to health SERVING)"
+  figure time_to_serving "$(since "$start") s (buildah run to health SERVING)"
   log "from outside: serve.client health -> $(client health)"
   log "from outside: serve.client --api-key-file KEY recommend --user 10 -k 5 ->"
   client --api-key-file "$TMP/client-key" recommend --user 10 -k 5
@@ -214,13 +273,17 @@ run_serve() {
     log "recommend without a key was answered: authentication is off"; exit 1
   fi
   log "from outside: recommend without a key -> $(tail -n1 "$TMP/anon.out")"
-  log "metrics: HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$METRICS/metrics") without the key, $(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "http://127.0.0.1:$METRICS/metrics") with it"
+  local url="http://127.0.0.1:$METRICS/metrics" anon keyed
+  anon=$(curl -s -o /dev/null -w '%{http_code}' "$url")
+  keyed=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" "$url")
+  log "metrics: HTTP $anon without the key, $keyed with it"
+  [[ $anon == 401 && $keyed == 200 ]] || { log "metrics authentication is not as configured"; exit 1; }
   stop=$(date +%s.%N)
   kill -TERM "$(server_pid "$RUN_PID")"
   status=0
   wait "$RUN_PID" || status=$?
   RUN_PID=""
-  figure sigterm_to_exit "$(awk -v a="$stop" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s (exit status $status)"
+  figure sigterm_to_exit "$(since "$stop") s (exit status $status)"
   log "server log (last lines):"; tail -n 4 "$TMP/server.log"
   (( status == 0 )) || { log "the server did not stop cleanly"; exit 1; }
 }
@@ -229,6 +292,7 @@ main() {
   cd "$ROOT"
   trap cleanup EXIT
   mapfile -t MOUNTS < <(pip_mounts)
+  read -r -a BUD_EXTRA <<< "${BUD_ARGS:-}"
   log "pip mounts: ${MOUNTS[*]}"
   if [[ -n ${PYTHON_IMAGE:-} ]]; then
     figure base_build "given: $PYTHON_IMAGE"
@@ -237,8 +301,9 @@ main() {
     PYTHON_IMAGE=$BASE_IMAGE
   fi
   figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"
+  TMP=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
   build_target serve ptmrec-serve
-  if (( BUILD_TRAIN )); then build_target train ptmrec-train; fi
+  if (( BUILD_TRAIN )); then build_target train ptmrec-train; train_bundle; fi
   if (( RUN_SERVE )); then run_serve; fi
   echo "figures:"
   for name in "${FIGURE_ORDER[@]}"; do printf '  %-16s %s\n' "$name" "${FIGURES[$name]}"; done
