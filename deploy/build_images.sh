@@ -300,9 +300,9 @@ main() {
     make_base
     PYTHON_IMAGE=$BASE_IMAGE
   fi
-  figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"
   TMP=$(mktemp -d /var/tmp/ptmrec-run.XXXXXX)
   build_target serve ptmrec-serve
+  figure base_size "$(buildah images --format '{{.Size}}' "$PYTHON_IMAGE" | head -n1)"  # now pulled
   if (( BUILD_TRAIN )); then build_target train ptmrec-train; train_bundle; fi
   if (( RUN_SERVE )); then run_serve; fi
   echo "figures:"
