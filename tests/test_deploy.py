@@ -1,7 +1,12 @@
-"""deploy/k8s/ptmrec.yaml against the code it runs: every argv parses with the real CLIs, ports,
-probes and selectors agree, draining fits the grace period (no cluster needed)."""
+"""deploy/k8s/ptmrec.yaml and the Dockerfile against the code they run: every argv parses with the
+real CLIs, ports, probes and selectors agree, draining fits the grace period (no cluster needed);
+deploy/build_images.sh parses and runs the image's entrypoint the way the server accepts."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,10 @@ from serve.__main__ import auth_from_args, parse_args as serve_args
 from serve.auth import check_exposure
 from serve.server import SERVICE_NAME
 
-MANIFESTS = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "ptmrec.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "deploy" / "k8s" / "ptmrec.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+BUILD_SCRIPT = ROOT / "deploy" / "build_images.sh"
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +103,55 @@ def test_retrain_cronjob_argv_parses_and_publishes_where_replicas_read(docs):
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     rule = cron["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]
     assert rule["onExitCodes"]["values"] == [EXIT_KEPT_LIVE]
+
+
+def stages() -> dict[str, list[str]]:
+    """{stage name: its instructions, continuation lines joined} of the Dockerfile."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    out, name = {"": []}, ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            name = match.group(1) or f"unnamed{len(out)}"
+            out[name] = []
+        out[name].append(line)
+    return out
+
+
+def instruction(stage: list[str], keyword: str) -> list[str]:
+    """The JSON arguments of a stage's last KEYWORD [...] instruction."""
+    line = [x for x in stage if x.upper().startswith(keyword + " ")][-1]
+    return json.loads(line[len(keyword):])
+
+
+def test_build_script_is_executable_and_parses():
+    assert os.access(BUILD_SCRIPT, os.X_OK)
+    subprocess.run(["bash", "-n", str(BUILD_SCRIPT)], check=True)
+
+
+def test_build_script_overrides_of_the_serve_entrypoint_start_authenticated():
+    parsed, script = stages(), BUILD_SCRIPT.read_text()
+    assert any(x.startswith("ARG PYTHON_IMAGE=") for x in parsed[""])   # --build-arg target
+    assert parsed["base"][0].startswith("FROM ${PYTHON_IMAGE} AS base")
+    for target in ("serve", "train"):
+        assert f"build_target {target} ptmrec-{target}" in script
+    uid = re.search(r"useradd .*--uid (\d+)", "\n".join(parsed["base"])).group(1)
+    assert f"chown {uid} " in script                                      # state dir writable
+    words = instruction(parsed["serve"], "ENTRYPOINT")
+    assert words[:3] == ["python", "-m", "serve"]
+    overrides = ["--bundles", "/srv/bundles", "--state", "/srv/state", "--port", "50999",
+                 "--metrics-port", "50998"]
+    keys = ["--api-keys", "/run/secrets/ptmrec-keys"]
+    for flag in overrides[::2] + keys[:1]:
+        assert f"{flag} " in script
+    volumes = instruction(parsed["serve"], "VOLUME")
+    assert "/srv/bundles" not in volumes and "/srv/bundles:ro" in script  # not the VOLUME path
+    args = serve_args(words[3:] + overrides + keys)
+    assert (str(args.bundles), args.port, args.host) == ("/srv/bundles", 50999, "0.0.0.0")
+    check_exposure(auth_from_args(args, {}), args.host, args.metrics_host)
+    with pytest.raises(RuntimeError, match="without authentication"):
+        bare = serve_args(words[3:] + overrides)
+        check_exposure(auth_from_args(bare, {}), bare.host, bare.metrics_host)
