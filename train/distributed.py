@@ -158,3 +158,32 @@ def wrap(modules: torch.nn.Module, loss_fn: Callable[..., torch.Tensor],
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
         return torch.nn.parallel.DistributedDataParallel(step, device_ids=ids, static_graph=True,
                                                          broadcast_buffers=False)
+
+
+def average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks in place (stage 2's explicit form of
+    DDP's all-reduce, for steps whose set of reached parameters changes from step to step); a
+    parameter no rank reached keeps no gradient (Adam skips it), one some rank reached gets the
+    average with zeros for the others."""
+    if not active() or not params:
+        return
+    device = params[0].device
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(reached)
+    used = [p for p, r in zip(params, reached.tolist()) if r]
+    if not used:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in used])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for p, g in zip(used, flat.split([p.numel() for p in used])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def gather_rows(mine: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Every rank's rows (None: none) concatenated in rank order on `device`; this rank's keep
+    their autograd graph, the others' arrive detached (each rank's backward reaches its own)."""
+    parts = gather(None if mine is None else mine.detach().cpu())
+    return torch.cat([mine if r == rank() else p.to(device)
+                      for r, p in enumerate(parts) if p is not None])
