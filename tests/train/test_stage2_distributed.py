@@ -80,10 +80,13 @@ def test_two_ranks_tune_as_one_process(stage1_run, tmp_path, groups):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
     a, b = checkpoint.load(tmp_path / "one" / BEST), checkpoint.load(tmp_path / "two" / BEST)
     assert a.keys() == b.keys()
-    moved = [k for k in a if "prompts" in k or k.startswith("heads.")]
-    assert moved
+    assert [k for k in a if "prompts" in k]
+    # the heads' biases are left out: KT's in-batch softmax is invariant to them (u . b is the
+    # same for every item of a row), so their gradient is float noise that Adam scales to steps
+    # of the learning rate, which differ with the order of additions
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+        if not (k.startswith("heads.") and k.endswith("bias")):
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def _children(pid: int) -> list[int]:
