@@ -12,6 +12,8 @@ NCCL on CUDA (each rank on `cuda:LOCAL_RANK`). Then:
 - evaluation gives each rank every N-th batch of users and gathers the per-batch sums, which are
   then added in batch order: exactly the single-process figures on the same weights (`gather`);
 - feature extraction encodes each rank's slice of the catalogue and gathers it (train/features.py);
+- stage 2 averages its gradients explicitly (`average_grads`: which parameters a step reaches
+  changes from step to step) and shares the tuning batch's encoded items (`gather_rows`);
 - only rank 0 writes the run directory (`is_main`); the others read its checkpoint on `--resume`.
 """
 from __future__ import annotations

@@ -27,8 +27,8 @@ each group tunes its own copy of the PEFT parameters and heads on batches of its
 
 The tuning step (encoding, the tuning losses, one epoch) is train/tuning.py.
 
-Under `torchrun --nproc_per_node N -m train.stage2 --stage1 RUN ... [--resume]` every rank trains its part of
-each batch, encodes its part of the tuning batch's items and of the catalogue, and evaluates its
+Under `torchrun --nproc_per_node N -m train.stage2 --stage1 RUN ... [--resume]` every rank trains
+its part of each batch, encodes its part of the tuning batch's items and of the catalogue, and evaluates its
 share of the users (train/tuning.py, train/distributed.py); rank 0 alone writes OUT. Every epoch
 ends with a checkpoint that `--resume` (and so torchrun's `--max-restarts`) continues from.
 
@@ -206,10 +206,7 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
     model, heads, towers, modules, raw = (parts.model, parts.heads, parts.towers, parts.modules,
                                           parts.raw)
     dataset = data.train
-    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.optim.learning_rate)
-    if s2.start.from_stage1 and s2.optim.resume_optimizer:
-        n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
-        log.info("Adam moments of %d parameter tensors restored from stage 1", n)
+    optimizer = build_optimizer(cfg, s2, modules, stage1_run)
     generator = torch.Generator().manual_seed(cfg.seed)
     valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)
     test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
@@ -256,6 +253,24 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
     run_epochs(range(state.epoch + 1, s2.optim.epochs), state, one_epoch, validate, keep,
                cfg.eval.valid_metric, lambda epoch, best, bad: bad > s2.optim.patience,
                after_epoch, desc="stage 2")
+    return finish(cfg, s2, data, parts, (state, start_valid, kept), out, stage1_run)
+
+
+def build_optimizer(cfg: TrainConfig, s2: Stage2Config, modules: torch.nn.ModuleDict,
+                    stage1_run: Path) -> torch.optim.Optimizer:
+    """Adam over param_groups, with stage 1's moments where `resume_optimizer` asks for them."""
+    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.optim.learning_rate)
+    if s2.start.from_stage1 and s2.optim.resume_optimizer:
+        n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
+        log.info("Adam moments of %d parameter tensors restored from stage 1", n)
+    return optimizer
+
+
+def finish(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, ended: tuple,
+           out: Path, stage1_run: Path) -> dict:
+    """After the epochs (`ended`: FitState, start figures, the kept best): recalibrate the best
+    state's heads, and write metrics.json (rank 0); returns the metrics."""
+    state, start_valid, kept = ended
     distributed.barrier()  # rank 0 has written best.pt
     worse = below_start(start_valid, state.best_valid, cfg.eval.valid_metric)
     if worse:
@@ -263,14 +278,13 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
                     s2.start.init_from or stage1_run)
     result = {k: v for k, v in kept.items() if k != "feats"}
     if kept:
-        result |= recalibrate(cfg, s2, data, modules, kept["feats"], out)
-    metrics = result | stage2_summary(s2, state, start_valid, model, towers,
+        result |= recalibrate(cfg, s2, data, parts.modules, kept["feats"], out)
+    metrics = result | stage2_summary(s2, state, start_valid, parts.model, parts.towers,
                                       cfg.eval.valid_metric)
     metrics["world_size"] = distributed.world_size()
     if distributed.is_main():
         write_metrics(out, metrics)
     return metrics
-
 
 
 def epoch_source(dataset, model: Backbone, s2: Stage2Config, batch_size: int,
