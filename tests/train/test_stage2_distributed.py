@@ -1,5 +1,5 @@
 """Stage 2 under torchrun with 2 CPU processes (gloo): one run directory, the single-process
-figures, and a killed rank resumed from the last epoch's checkpoint."""
+figures, and a killed rank resumed from the last epoch's checkpoint; --resume of one process."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ from train import checkpoint
 from train.config import TrainConfig
 from train.run import BEST
 from train.stage1 import run_stage1
+from train.stage2 import main
 from train.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,3 +122,19 @@ def test_killed_rank_resumes_stage2(stage1_run, tmp_path):
     assert "resumed from" in text, text[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 12 and metrics["world_size"] == 2
+
+
+def test_resume_continues_as_an_uninterrupted_run(stage1_run, tmp_path):
+    """Two epochs, then --resume to three: the figures and weights of three epochs in one go."""
+    args = ["--stage1", str(stage1_run), "--config", str(_stage2_yaml(tmp_path))]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "parts"), "--set", "optim.epochs=2"]) == 0
+    assert main([*args, "--out", str(tmp_path / "parts"), "--resume"]) == 0
+    whole, parts = (json.loads((tmp_path / n / "metrics.json").read_text())
+                    for n in ("whole", "parts"))
+    assert parts["epochs_run"] == whole["epochs_run"] == 3
+    for key in ("valid_curve", "valid", "test", "start_valid", "cold_start"):
+        assert parts[key] == whole[key], key
+    a, b = checkpoint.load(tmp_path / "whole" / BEST), checkpoint.load(tmp_path / "parts" / BEST)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
