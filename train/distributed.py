@@ -12,6 +12,8 @@ NCCL on CUDA (each rank on `cuda:LOCAL_RANK`). Then:
 - evaluation gives each rank every N-th batch of users and gathers the per-batch sums, which are
   then added in batch order: exactly the single-process figures on the same weights (`gather`);
 - feature extraction encodes each rank's slice of the catalogue and gathers it (train/features.py);
+- stage 2 averages its gradients explicitly (`average_grads`: which parameters a step reaches
+  changes from step to step) and shares the tuning batch's encoded items (`gather_rows`);
 - only rank 0 writes the run directory (`is_main`); the others read its checkpoint on `--resume`.
 """
 from __future__ import annotations
@@ -158,3 +160,32 @@ def wrap(modules: torch.nn.Module, loss_fn: Callable[..., torch.Tensor],
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
         return torch.nn.parallel.DistributedDataParallel(step, device_ids=ids, static_graph=True,
                                                          broadcast_buffers=False)
+
+
+def average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over the ranks in place (stage 2's explicit form of
+    DDP's all-reduce, for steps whose set of reached parameters changes from step to step); a
+    parameter no rank reached keeps no gradient (Adam skips it), one some rank reached gets the
+    average with zeros for the others."""
+    if not active() or not params:
+        return
+    device = params[0].device
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(reached)
+    used = [p for p, r in zip(params, reached.tolist()) if r]
+    if not used:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in used])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for p, g in zip(used, flat.split([p.numel() for p in used])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def gather_rows(mine: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Every rank's rows (None: none) concatenated in rank order on `device`; this rank's keep
+    their autograd graph, the others' arrive detached (each rank's backward reaches its own)."""
+    parts = gather(None if mine is None else mine.detach().cpu())
+    return torch.cat([mine if r == rank() else p.to(device)
+                      for r, p in enumerate(parts) if p is not None])

@@ -27,7 +27,13 @@ each group tunes its own copy of the PEFT parameters and heads on batches of its
 
 The tuning step (encoding, the tuning losses, one epoch) is train/tuning.py.
 
-`python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR`
+Under `torchrun --nproc_per_node N -m train.stage2 --stage1 RUN ... [--resume]` every rank trains
+its part of each batch, encodes its part of the tuning batch's items and of the catalogue, and evaluates its
+share of the users (train/tuning.py, train/distributed.py); rank 0 alone writes OUT. Every epoch
+ends with a checkpoint that `--resume` (and so torchrun's `--max-restarts`) continues from.
+
+`python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR
+[--resume]` (`--stage1 STAGE1_RUN` is the same as `--run`, and the spelling torchrun accepts)
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from train.run import (BEST, CHECKPOINT, CONFIG, STAGE1_CONFIG, STAGE2, read_met
                        run_device, write_metrics)
 from train.sampling import NegativeSampler, epoch_batches
 from train.stage1 import calibrate_best, cold_start_metrics, metrics_table
+from train.stage2_checkpoint import Loop
 from train.tuning import refresh_features, train_epoch
 
 log = logging.getLogger(__name__)
@@ -72,18 +79,21 @@ class Tuned:
     raw: dict
 
 
-def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.device) -> dict:
-    """Tune the encoders of a stage-1 run and write metrics.json / best.pt to `out`."""
+def run_stage2(stage1_run: Path, s2: Stage2Config, out: Path, device: torch.device,
+               resume: bool = False) -> dict:
+    """Tune the encoders of a stage-1 run and write metrics.json / best.pt to `out` (rank 0);
+    `resume` continues from out/checkpoint.pt when there is one."""
     cfg = load_config(stage1_run / CONFIG)
     if cfg.encoders is None:
         raise ValueError(f"{stage1_run}: stage 2 needs a stage-1 run with encoders configured")
     check_peft_fits(cfg.encoders, s2.method, s2.modalities)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STAGE2).write_text(yaml.safe_dump(s2.model_dump(mode="json"), sort_keys=False))
-    dump_config(cfg, out / STAGE1_CONFIG)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAGE2).write_text(yaml.safe_dump(s2.model_dump(mode="json"), sort_keys=False))
+        dump_config(cfg, out / STAGE1_CONFIG)
     data = prepare_data(cfg, device)
     parts = build_tuned(cfg, s2, data, stage1_run, device)
-    return fit_stage2(cfg, s2, data, parts, out, device, stage1_run)
+    return fit_stage2(cfg, s2, data, parts, out, device, stage1_run, resume)
 
 
 def build_tuned(cfg: TrainConfig, s2: Stage2Config, data: RunData, stage1_run: Path,
@@ -107,6 +117,8 @@ def build_tuned(cfg: TrainConfig, s2: Stage2Config, data: RunData, stage1_run: P
     if s2.perpeft.groups > 1:
         with torch.no_grad():
             assignment = perpeft.cluster_users(model.user_embeddings(), s2.perpeft.groups, cfg.seed)
+        # every rank trains on rank 0's clusters (k-means need not agree to the bit across ranks)
+        assignment = distributed.gather(assignment.cpu())[0].to(assignment.device)
         log.info("PerPEFT: %d user groups of %s users", s2.perpeft.groups,
                  perpeft.group_sizes(assignment, s2.perpeft.groups))
         model, heads, towers = perpeft.personalise(model, heads, towers, s2.perpeft.groups,
@@ -188,16 +200,13 @@ def restore_stage1_moments(optimizer: torch.optim.Optimizer, modules: torch.nn.M
 
 
 def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, out: Path,
-               device: torch.device, stage1_run: Path) -> dict:
+               device: torch.device, stage1_run: Path, resume: bool = False) -> dict:
     """Early-stopped stage-2 epochs (train.fit.run_epochs) with the items re-encoded before each
     validation; the loaded state competes as epoch -1 (`keep_start`); writes best.pt, metrics."""
     model, heads, towers, modules, raw = (parts.model, parts.heads, parts.towers, parts.modules,
                                           parts.raw)
     dataset = data.train
-    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.optim.learning_rate)
-    if s2.start.from_stage1 and s2.optim.resume_optimizer:
-        n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
-        log.info("Adam moments of %d parameter tensors restored from stage 1", n)
+    optimizer = build_optimizer(cfg, s2, modules, stage1_run)
     generator = torch.Generator().manual_seed(cfg.seed)
     valid_eval = Evaluator(dataset, "valid", cfg.eval.ks, cfg.eval.batch_size)
     test_eval = Evaluator(dataset, "test", cfg.eval.ks, cfg.eval.batch_size)
@@ -215,7 +224,8 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
         if data.cold is not None:
             kept["cold_start"] = cold_start_metrics(model, heads, current["feats"], dataset,
                                                     data.cold, cfg.cold_start.ks, cfg.seed)
-        checkpoint.save_atomic(dict(modules.state_dict()), out / BEST)
+        if distributed.is_main():
+            checkpoint.save_atomic(dict(modules.state_dict()), out / BEST)
         return kept["test"]
 
     def one_epoch(epoch: int) -> float:
@@ -229,21 +239,51 @@ def fit_stage2(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, 
             current["feats"] = refresh_features(model, towers, raw, s2, device)
         return evaluate_model(model, valid_eval)
 
-    state = FitState()
-    start_valid = start_state(cfg, s2, model, valid_eval, reencoded, state, keep)
-    run_epochs(range(s2.optim.epochs), state, one_epoch, validate, keep, cfg.eval.valid_metric,
-               lambda epoch, best, bad: bad > s2.optim.patience,
-               lambda st: log_epoch(st, cfg.eval.valid_metric), desc="stage 2")
+    loop = Loop(modules, optimizer, generator, current, kept)
+    if resume and (out / CHECKPOINT).is_file():
+        state, start_valid = loop.restore(out / CHECKPOINT)
+    else:
+        state = FitState()
+        start_valid = start_state(cfg, s2, model, valid_eval, reencoded, state, keep)
+
+    def after_epoch(st: FitState) -> None:
+        log_epoch(st, cfg.eval.valid_metric)
+        loop.save(out / CHECKPOINT, st, start_valid)
+
+    run_epochs(range(state.epoch + 1, s2.optim.epochs), state, one_epoch, validate, keep,
+               cfg.eval.valid_metric, lambda epoch, best, bad: bad > s2.optim.patience,
+               after_epoch, desc="stage 2")
+    return finish(cfg, s2, data, parts, (state, start_valid, kept), out, stage1_run)
+
+
+def build_optimizer(cfg: TrainConfig, s2: Stage2Config, modules: torch.nn.ModuleDict,
+                    stage1_run: Path) -> torch.optim.Optimizer:
+    """Adam over param_groups, with stage 1's moments where `resume_optimizer` asks for them."""
+    optimizer = torch.optim.Adam(param_groups(modules, s2), lr=s2.optim.learning_rate)
+    if s2.start.from_stage1 and s2.optim.resume_optimizer:
+        n = restore_stage1_moments(optimizer, modules, stage1_run, cfg.heads is not None)
+        log.info("Adam moments of %d parameter tensors restored from stage 1", n)
+    return optimizer
+
+
+def finish(cfg: TrainConfig, s2: Stage2Config, data: RunData, parts: Tuned, ended: tuple,
+           out: Path, stage1_run: Path) -> dict:
+    """After the epochs (`ended`: FitState, start figures, the kept best): recalibrate the best
+    state's heads, and write metrics.json (rank 0); returns the metrics."""
+    state, start_valid, kept = ended
+    distributed.barrier()  # rank 0 has written best.pt
     worse = below_start(start_valid, state.best_valid, cfg.eval.valid_metric)
     if worse:
         log.warning("%s: the run it started from, %s, serves warm users better", worse,
                     s2.start.init_from or stage1_run)
     result = {k: v for k, v in kept.items() if k != "feats"}
     if kept:
-        result |= recalibrate(cfg, s2, data, modules, kept["feats"], out)
-    metrics = result | stage2_summary(s2, state, start_valid, model, towers,
+        result |= recalibrate(cfg, s2, data, parts.modules, kept["feats"], out)
+    metrics = result | stage2_summary(s2, state, start_valid, parts.model, parts.towers,
                                       cfg.eval.valid_metric)
-    write_metrics(out, metrics)
+    metrics["world_size"] = distributed.world_size()
+    if distributed.is_main():
+        write_metrics(out, metrics)
     return metrics
 
 
@@ -333,17 +373,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     p = parser("python -m train.stage2", __doc__, config_required=False,
                config_help="stage-2 YAML (defaults: prompts n_ctx 2 depth 9)")
-    p.add_argument("--run", type=Path, required=True, help="stage-1 run directory")
+    # --stage1: torchrun's own parser reads `--run` after the module as its `--run-path`
+    p.add_argument("--run", "--stage1", dest="run", type=Path, required=True,
+                   help="stage-1 run directory (--stage1 under torchrun)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     args = p.parse_args(argv)
     s2 = load_or_report(load_stage2, args.config, args.overrides, "stage-2 config")
     if s2 is None:
         return EXIT_CONFIG
-    if distributed.launched():
-        print("error: stage 2 runs as one process (torchrun covers python -m train and "
-              "train.distill); start it with plain python", file=sys.stderr)
-        return EXIT_CONFIG
-    metrics = run_stage2(args.run, s2, args.out, run_device(args.run))
+    device = distributed.init(run_device(args.run))
+    main_rank = distributed.is_main()
+    try:
+        metrics = run_stage2(args.run, s2, args.out, device, args.resume)
+    finally:
+        distributed.shutdown()
+    if not main_rank:
+        return 0
     print("\nstage 1 (frozen encoders):\n" + metrics_table(read_metrics(args.run).model_dump()))
     print(f"\nstage 2 ({s2.method.name}, {metrics['trainable_share']:.3%} of encoder params):\n"
           + metrics_table(metrics))

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from train import perpeft
+from train import distributed, perpeft
 from train.config import Stage2Config
 from train.losses import bpr_loss, knowledge_transfer
-from train.sampling import batch_to
+from train.sampling import batch_to, rank_part
 
 
 def length_order(tower, raw: list) -> list[int] | None:
@@ -49,10 +49,20 @@ def refresh_features(model, towers, raw, s2: Stage2Config, device) -> dict[str, 
     and write the result into the backbone's feature tables."""
     for t in towers.values():
         t.eval()
-    tuned = {m: encode(t, raw[m], s2.encode.batch_size, device, grad=False, bf16=s2.encode.cpu_bf16)
-             for m, t in towers.items()}
+    tuned = {m: encode_sharded(t, raw[m], s2, device) for m, t in towers.items()}
     set_feature_tables(model, tuned)
     return raw["frozen"] | tuned
+
+
+def encode_sharded(tower, raw: list, s2: Stage2Config, device) -> torch.Tensor:
+    """encode() of all items without gradients; under torchrun each rank encodes its contiguous
+    part of the items and the parts are gathered in rank order on every rank."""
+    if not distributed.active():
+        return encode(tower, raw, s2.encode.batch_size, device, grad=False, bf16=s2.encode.cpu_bf16)
+    mine = distributed.part(len(raw))
+    feats = (encode(tower, raw[mine], s2.encode.batch_size, device, grad=False,
+                    bf16=s2.encode.cpu_bf16) if mine.stop > mine.start else None)
+    return distributed.gather_rows(feats, device)
 
 
 def set_feature_tables(model, features: dict[str, torch.Tensor]) -> None:
@@ -66,12 +76,20 @@ def set_feature_tables(model, features: dict[str, torch.Tensor]) -> None:
 
 def head_vectors(heads, tower, m: str, raw, items: torch.Tensor, s2: Stage2Config,
                  device) -> torch.Tensor:
-    """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once."""
+    """head_m(tower_m(item)) with gradients, (n, d): each distinct item is encoded once; under
+    torchrun each rank encodes its contiguous part of the distinct items (only those carry its
+    gradients) and gets the others' vectors from them."""
     uniq, inverse = torch.unique(items, return_inverse=True)
     tower.train(s2.encode.tower_dropout)  # eval: no dropout in the frozen base, grads still flow
-    f = encode(tower, [raw[m][j] for j in uniq.tolist()], s2.encode.batch_size, device, grad=True,
-               bf16=s2.encode.cpu_bf16)
-    return heads.heads[m](f)[inverse.to(f.device)]
+    mine = distributed.part(len(uniq))
+    vectors = None
+    if mine.stop > mine.start:
+        f = encode(tower, [raw[m][j] for j in uniq[mine].tolist()], s2.encode.batch_size, device,
+                   grad=True, bf16=s2.encode.cpu_bf16)
+        vectors = heads.heads[m](f)
+    if distributed.active():
+        vectors = distributed.gather_rows(vectors, device)
+    return vectors[inverse.to(vectors.device)]
 
 
 def kt_step_loss(heads, towers, raw, targets, batch, s2: Stage2Config, device) -> torch.Tensor:
@@ -117,24 +135,37 @@ def group_targets(model, groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]
 def train_epoch(model, heads, towers, raw, optimizer, batches, s2, device, step_cap) -> float:
     """One epoch of (group, batch) pairs (group None when ungrouped): backbone loss on every
     batch, the tuning loss (KT or BPR) on the first `step_cap` batches; a group's batch runs its
-    own members of the grouped modules, so only they get gradients."""
+    own members of the grouped modules, so only they get gradients.
+
+    Under torchrun (train/distributed.py) each rank trains the backbone on its part of the batch,
+    weighted by its share, and encodes its part of the tuning loss's distinct items; the tuning
+    loss itself is computed whole on every rank (scaled by N, as only this rank's items carry its
+    gradients), and the gradients are averaged before each Adam step: the step of one process on
+    the whole batch, up to the order of float additions."""
     targets = group_targets(model, s2.perpeft.groups)
     parts = perpeft.grouped_parts(model, heads, *towers.values())  # found once, not per batch
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    size = distributed.world_size()
     total, n = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for n, (group, batch) in enumerate(batches, start=1):
         batch = batch_to(batch, device)
+        mine, weight = rank_part(batch)
         if group is not None:
             perpeft.set_active(parts, group)
-        loss = model.loss(batch)
+        backbone = model.loss(mine)
+        loss, tuning = backbone * weight, 0.0
         if s2.kt.weight > 0 and n <= step_cap:
-            loss = loss + TUNING_LOSSES[s2.kt.loss](heads, towers, raw, targets[group or 0],
-                                                        batch, s2, device)
+            tuned = TUNING_LOSSES[s2.kt.loss](heads, towers, raw, targets[group or 0], batch, s2,
+                                              device)
+            loss, tuning = loss + tuned * size, tuned.item()
         (loss / s2.optim.grad_accumulation).backward()
         if n % s2.optim.grad_accumulation == 0:
+            distributed.average_grads(params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        total += loss.item()
+        total += loss.item() if size == 1 else (backbone.item() * weight + tuning) / size
+    distributed.average_grads(params)
     optimizer.step()
     perpeft.set_active(parts, None)
-    return total / max(1, n)
+    return distributed.sum_float(total) / max(1, n)
