@@ -157,10 +157,10 @@ class Browser:
         Path(path).write_bytes(base64.b64decode(data))
         return Path(path)
 
-    def errors(self) -> list[str]:
-        """Console errors, uncaught exceptions and failed loads reported so far."""
+    def errors(self, since: int = 0) -> list[str]:
+        """Console errors, uncaught exceptions and failed loads reported after events[since]."""
         out = []
-        for event in self.events:
+        for event in self.events[since:]:
             method, params = event["method"], event.get("params", {})
             if method == "Runtime.exceptionThrown":
                 details = params["exceptionDetails"]
