@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     binary = find_chromium()
     if binary is None:
         p.error("chromium is not installed")
+    args.out.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(args.bundles, args.data)
     try:
         with tempfile.TemporaryDirectory() as profile, \
