@@ -1,6 +1,6 @@
 """Headless Chromium driven over the Chrome DevTools Protocol on a pipe, without extra packages.
 
-    python -m bench.browser PAGE [--screenshot OUT.png] [--size 1200x900] [--scale 0.5]
+    python -m bench.browser PAGE [--screenshot OUT.png] [--size 1200x900] [--scale 0.5] [--palette]
 
 Opens PAGE (a URL or an HTML file) and prints the console errors and uncaught exceptions it
 raised (exit 1 if any) and, with --screenshot, writes a PNG. Chromium is started with
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshot", type=Path)
     parser.add_argument("--size", default="1200x900", help="viewport WIDTHxHEIGHT")
     parser.add_argument("--scale", type=float, default=1.0, help="screenshot scale")
+    parser.add_argument("--palette", action="store_true",
+                        help="write the screenshot as a 256-colour PNG (smaller, for docs)")
     args = parser.parse_args(argv)
     binary = find_chromium()
     if binary is None:
@@ -211,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.screenshot:
             browser.screenshot(args.screenshot, args.scale)
         errors = browser.errors()
+    if args.screenshot and args.palette:
+        from PIL import Image
+
+        Image.open(args.screenshot).convert("RGB").quantize(256).save(args.screenshot,
+                                                                      optimize=True)
     print(f"{url}: status {status or 'n/a'}, {len(errors)} console error(s)")
     for error in errors:
         print(f"  {error}")
