@@ -51,6 +51,20 @@ def pg_cluster():
     cluster.remove()
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The chromium binary for the browser tests; skipped when it is missing, except in CI (CI=1,
+    where .ci/run installs it), where a missing chromium is a failure."""
+    from bench.browser import find_chromium
+
+    found = find_chromium()
+    if found is None:
+        if os.environ.get("CI") == "1":
+            pytest.fail("CI=1 requires chromium for the browser tests (apt-get install chromium)")
+        pytest.skip("chromium is not installed")
+    return found
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path) -> str:
     """An empty event store: a SQLite state folder, or a fresh schema in the PG cluster."""
