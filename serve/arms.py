@@ -32,7 +32,8 @@ from serve.experiment_config import (Arm, ExperimentConfig, ExperimentError, ass
 from serve.impressions import ImpressionWriter
 from serve.metrics import Metrics
 from serve.model import ServingModel
-from serve.reload import ModelHolder, PollLoop
+from serve.polling import PollLoop
+from serve.reload import ModelHolder
 
 log = logging.getLogger(__name__)
 

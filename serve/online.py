@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import DELETE, INTERACTIONS, UPSERT, Event
+from serve.polling import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +98,6 @@ def apply_event(model, event: Event, vector: np.ndarray | None = None) -> None:
             model.remove(event.item_id)
     elif event.kind == INTERACTIONS:
         model.online.add(event.user_id, event.item_ids)
-
-
-class Backoff:
-    """Retry delays: `first` seconds, doubling up to `cap`; `reset()` after a success."""
-
-    def __init__(self, first: float = 0.5, cap: float = 10.0):
-        self.first, self.cap = first, cap
-        self._delay = first
-
-    def next(self) -> float:
-        """The delay before the next try."""
-        delay, self._delay = self._delay, min(self._delay * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        """Start again from the first delay."""
-        self._delay = self.first
 
 
 class ListenLoop:

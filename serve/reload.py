@@ -46,6 +46,7 @@ from serve.errors import refused_write
 from serve.metrics import Metrics
 from serve.model import ServingModel
 from serve.online import FoldIn, apply_event
+from serve.polling import PollLoop
 
 log = logging.getLogger(__name__)
 
@@ -306,39 +307,6 @@ class ModelHolder:
         """Export the live model's gauges."""
         if model is self.model:
             self.metrics.loaded(model)
-
-
-class PollLoop:
-    """A daemon thread calling `check()` now and then every `poll_seconds` until stopped; an
-    exception is logged and the loop goes on (a watcher must outlive any bad bundle)."""
-
-    def __init__(self, name: str, poll_seconds: float):
-        self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def check(self) -> bool:
-        """One poll (subclasses)."""
-        raise NotImplementedError
-
-    def start(self) -> None:
-        """Start polling (the first check runs immediately)."""
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling and wait for a check in progress to finish."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        """Poll until stopped; never dies on an error."""
-        while not self._stop.is_set():
-            try:
-                self.check()
-            except Exception:  # noqa: BLE001 - the loop must outlive any bad input
-                log.exception("%s check failed", self._thread.name)
-            self._stop.wait(self.poll_seconds)
 
 
 class Watcher(PollLoop):

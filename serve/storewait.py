@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from index.events import SQLStore, StoreError, StoreUnavailable
-from serve.online import Backoff
+from serve.polling import Backoff
 
 log = logging.getLogger(__name__)
 
