@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE = 16
+DEFAULT_K_FACTOR = 4
 EXACT_FALLBACK_MAX = 65536
 GPU_MAX_K = 2048
 TRAIN_PER_LIST = 64
@@ -160,7 +161,9 @@ def build(vectors: np.ndarray, ids: np.ndarray, factory: str,
 
 
 def _set_defaults(inner: faiss.Index) -> None:
-    """Default search effort: efSearch for HNSW, nprobe for IVF."""
+    """Default search effort: efSearch for HNSW, nprobe for IVF, k_factor for a refine step."""
+    if isinstance(inner, faiss.IndexRefine):
+        inner.k_factor = DEFAULT_K_FACTOR
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = DEFAULT_EF_SEARCH
     ivf = faiss.try_extract_index_ivf(inner)
@@ -169,9 +172,13 @@ def _set_defaults(inner: faiss.Index) -> None:
 
 
 def set_search_params(index: faiss.Index, ef_search: int | None = None,
-                      nprobe: int | None = None) -> None:
-    """Set HNSW efSearch and/or IVF nprobe; ValueError if the index has no such knob."""
+                      nprobe: int | None = None, k_factor: int | None = None) -> None:
+    """Set HNSW efSearch, IVF nprobe and/or refine k_factor; ValueError if there is no such knob."""
     inner = _inner(index)
+    if k_factor is not None:
+        if not isinstance(inner, faiss.IndexRefine) or k_factor < 1:
+            raise ValueError(f"k_factor >= 1 applies to refine indexes, not {type(inner).__name__}")
+        inner.k_factor = int(k_factor)
     if ef_search is not None:
         if not isinstance(inner, faiss.IndexHNSW):
             raise ValueError(f"ef_search applies to HNSW indexes, not {type(inner).__name__}")
@@ -184,12 +191,15 @@ def set_search_params(index: faiss.Index, ef_search: int | None = None,
 
 
 def get_search_params(index: faiss.Index) -> dict[str, int]:
-    """Current efSearch / nprobe of the index (empty for Flat)."""
+    """Current efSearch / nprobe / k_factor of the index (empty for Flat)."""
     inner = _inner(index)
     if isinstance(inner, faiss.IndexHNSW):
         return {"efSearch": int(inner.hnsw.efSearch)}
+    out = {"k_factor": int(inner.k_factor)} if isinstance(inner, faiss.IndexRefine) else {}
     ivf = inner if _on_gpu(inner) else faiss.try_extract_index_ivf(inner)
-    return {"nprobe": int(ivf.nprobe)} if ivf is not None and hasattr(ivf, "nprobe") else {}
+    if ivf is not None and hasattr(ivf, "nprobe"):
+        out["nprobe"] = int(ivf.nprobe)
+    return out
 
 
 def contains(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
