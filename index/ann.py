@@ -3,14 +3,19 @@
 Structure. Every index is `IndexIDMap2(index_factory(d, factory, IP))`, so any factory ("Flat",
 "HNSW32", "IVF1024,Flat", ...) takes arbitrary non-negative int64 item ids and returns them, and
 `reconstruct(id)` works (IDMap2, unlike IDMap, keeps the reverse map; IVF inners get a direct map).
-Default effort is set at build (efSearch 128, nprobe 16) and persisted in the file by FAISS.
+Default effort is set at build (efSearch 128, nprobe 16, refine k_factor 4) and persisted in the
+file by FAISS. Compressed factories for large catalogues work the same way: "IVF4096,SQ8",
+"IVF4096,PQ16,Refine(SQ8)" / "...,RFlat" (IndexRefine: the PQ scan keeps k_factor * k candidates,
+re-scored by the refine codes) and "OPQ16,IVF4096,PQ16" (IndexPreTransform). Training uses a
+seeded sample of at most max(TRAIN_MIN, TRAIN_PER_LIST * nlist) vectors, never the whole catalogue.
 
 Deletes. HNSW has no `remove_ids`, and IDMap2 over IVF cannot remove either (IVF keeps its internal
 ids, so IDMap2's compaction would desynchronise). So CPU Flat removes physically (O(N) compaction)
 and every other index tombstones: the row's external id in `id_map` becomes `-2 - row`, a value no
 real id takes. The tombstone lives inside the index (survives save/load), and re-adding the id
 cannot resurrect the stale row. Searches filter tombstones with `IDSelectorRange(0, 2**63-1)`;
-`compact()` rebuilds without them (rebuild when `n_deleted` passes a few percent). `add` is an
+`compact()` rebuilds without them (rebuild when `n_deleted` passes a few percent; for SQ/PQ codes
+without a Flat refine it re-encodes decoded vectors, a small extra loss). `add` is an
 upsert: ids already present are removed first, so an id is never returned twice.
 
 Filtering. Per-query exclusions (seen items) run inside the search as
@@ -27,7 +32,7 @@ GPU policy. With `use_gpu` None or True and `faiss.get_num_gpus() > 0`, Flat and
 to GPU 0 via `index_cpu_to_gpu` (HNSW stays on CPU). With no GPU the index stays on CPU;
 `index_cpu_to_all_gpus` is never used (with no GPU it returns an unusable empty IndexReplicas).
 GPU indexes ignore IDSelectors (faiss#3114, #3924), so there, and for inners that reject selectors
-(PQ, pre-transforms), searches over-fetch k + |excluded| + tombstones (at most 2048 on GPU) and
+(IndexPQ, pre-transforms such as OPQ, refine steps), searches over-fetch k + |excluded| + tombstones (at most 2048 on GPU) and
 filter on the host. `save` always writes the CPU form.
 
 Concurrency. CPU searches may run concurrently; add/remove/compact must not overlap them
