@@ -369,10 +369,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int,
                 todo.append(i)
             else:
                 _fill(out_scores[i], out_ids[i], scores[row], ids[row])
-    deleted = None if _supports_selector(inner) else n_deleted(index)
+    use_selector = _supports_selector(inner)
+    deleted = 0 if use_selector or not todo else n_deleted(index)  # O(N) scan: only when needed
     for i in todo:
         query = q[i:i + 1]
-        if deleted is None:
+        if use_selector:
             scores, ids = _search_one(index, inner, query, k, excluded[i])
         else:
             scores, ids = _search_overfetch(index, query, k, excluded[i], deleted)
