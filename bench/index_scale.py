@@ -7,8 +7,9 @@ sample + add, `--build-threads`), bytes per item as the saved file size / N and 
 growth / N (the in-memory form adds IDMap2's reverse map), then per search setting recall@k against
 exact inner-product search (brute force with faiss.knn, blockwise, build threads) on `--queries`
 queries and p50/p99 of one `index.ann.search` call per query with one thread (the serving path).
-`--shards S` also splits the catalogue into S halves of the first factory, each its own index,
-searched together through faiss.IndexShards (recall and latency against the single index).
+`--shards S` also splits the catalogue into S contiguous parts, each its own index of the first
+factory, searched together through faiss.IndexShards, serial and threaded (recall and latency
+against the single index; the memory is the same, all shards live in this process).
 
     python -m bench.index_scale --n 1000000 --build-threads 2
     python -m bench.index_scale --n 10000000 --build-threads 2 --shards 2
@@ -114,6 +115,14 @@ def settings(index: faiss.Index, args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def saved_size(index: faiss.Index) -> int:
+    """Bytes of the index as `ann.save` writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "items.faiss"
+        ann.save(index, path)
+        return path.stat().st_size
+
+
 def measure(name: str, build, x: np.ndarray, q: np.ndarray, truth: np.ndarray,
             args: argparse.Namespace) -> tuple[list[dict], faiss.Index]:
     """Build one index, record its size, sweep its settings; returns rows and the index."""
@@ -125,10 +134,7 @@ def measure(name: str, build, x: np.ndarray, q: np.ndarray, truth: np.ndarray,
     build_s = time.perf_counter() - start
     faiss.omp_set_num_threads(1)
     rss = rss_bytes() - before
-    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        path = Path(tmp) / "items.faiss"
-        ann.save(index, path)
-        file_bytes = path.stat().st_size
+    file_bytes = saved_size(index)
     rows = []
     few = name == "Flat"
     qs, ts = (q[:args.flat_queries], truth[:args.flat_queries]) if few else (q, truth)
@@ -142,7 +148,8 @@ def measure(name: str, build, x: np.ndarray, q: np.ndarray, truth: np.ndarray,
     return rows, index
 
 
-def row(args, name, setting, build_s, file_bytes, rss, lat, rec) -> dict:
+def row(args: argparse.Namespace, name: str, setting: dict, build_s: float | None,
+        file_bytes: int, rss: int, lat: np.ndarray, rec: float) -> dict:
     """One result line."""
     p50, p99 = np.percentile(lat, [50, 99])
     label = ", ".join(f"{k} {v}" for k, v in setting.items()) or "exact"
@@ -161,18 +168,14 @@ def fmt(r: dict) -> str:
 def sharded(first: str, x: np.ndarray, ids: np.ndarray, q: np.ndarray, truth: np.ndarray,
             args: argparse.Namespace) -> list[dict]:
     """`--shards` indexes of `first` over contiguous slices, searched through IndexShards."""
-    parts = np.array_split(np.arange(len(x)), args.shards)
-
-    def build():
-        out = [ann.build(x[p[0]:p[-1] + 1], ids[p[0]:p[-1] + 1], first, use_gpu=False)
-               for p in parts]
-        return out
-
+    bounds = np.linspace(0, len(x), args.shards + 1).astype(int)
     faiss.omp_set_num_threads(args.build_threads)
     start = time.perf_counter()
-    shards = build()
+    shards = [ann.build(x[a:b], ids[a:b], first, use_gpu=False)
+              for a, b in zip(bounds[:-1], bounds[1:])]
     build_s = time.perf_counter() - start
     faiss.omp_set_num_threads(1)
+    file_bytes = sum(saved_size(s) for s in shards)
     rows = []
     for threaded in (False, True):
         union = faiss.IndexShards(args.dim, threaded, False)
@@ -183,7 +186,7 @@ def sharded(first: str, x: np.ndarray, ids: np.ndarray, q: np.ndarray, truth: np
                 ann.set_search_params(s, **setting)
             lat, got = timed(lambda v: union.search(v, args.k)[1], q)
             name = f"{args.shards} x {first} ({'threaded' if threaded else 'serial'} IndexShards)"
-            rows.append(row(args, name, setting, build_s, 0, 0, lat, recall(got, truth)))
+            rows.append(row(args, name, setting, build_s, file_bytes, 0, lat, recall(got, truth)))
             build_s = None
             print(fmt(rows[-1]), file=sys.stderr, flush=True)
     return rows

@@ -16,8 +16,9 @@ def test_table_on_tiny_catalogue(capsys):
                      "2 x IVF64,SQ8 (serial IndexShards)", "2 x IVF64,SQ8 (threaded IndexShards)"]
     recalls = [float(ln.split(" | ")[7]) for ln in lines]
     assert recalls[0] == 1.0 and all(0.3 < r <= 1.0 for r in recalls[1:])
-    file_bytes = [float(ln.split(" | ")[3]) for ln in lines[:3]]
+    file_bytes = [float(ln.split(" | ")[3]) for ln in lines]
     assert file_bytes[0] > 16 * 4 and file_bytes[1] < file_bytes[0]  # SQ8: 1 byte per dimension
+    assert abs(file_bytes[3] - file_bytes[1]) < 0.2 * file_bytes[1]  # shards: same bytes per item
 
 
 def test_exact_topk_matches_numpy():
