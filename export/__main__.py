@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 ONNX encoders: dynamic int8, else weight-only int8, whichever first "
                    "keeps cosine to torch >= 0.99")
     p.add_argument("--factory", default="Flat",
-                   help="FAISS factory string of the item index, e.g. Flat, HNSW32, IVF256,Flat")
+                   help="FAISS factory string of the item index, e.g. Flat, HNSW32, "
+                        "IVF4096,SQ8, IVF4096,PQ16,Refine(SQ8)")
     p.add_argument("--exporter", choices=EXPORTERS, default="dynamo",
                    help="ONNX exporter to try first (the other one is the fallback)")
     p.add_argument("--parity-items", type=int, default=PARITY_ITEMS,

@@ -3,14 +3,19 @@
 Structure. Every index is `IndexIDMap2(index_factory(d, factory, IP))`, so any factory ("Flat",
 "HNSW32", "IVF1024,Flat", ...) takes arbitrary non-negative int64 item ids and returns them, and
 `reconstruct(id)` works (IDMap2, unlike IDMap, keeps the reverse map; IVF inners get a direct map).
-Default effort is set at build (efSearch 128, nprobe 16) and persisted in the file by FAISS.
+Default effort is set at build (efSearch 128, nprobe 16, refine k_factor 4) and persisted in the
+file by FAISS. Compressed factories for large catalogues work the same way: "IVF4096,SQ8",
+"IVF4096,PQ16,Refine(SQ8)" / "...,RFlat" (IndexRefine: the PQ scan keeps k_factor * k candidates,
+re-scored by the refine codes) and "OPQ16,IVF4096,PQ16" (IndexPreTransform). Training uses a
+seeded sample of at most max(TRAIN_MIN, TRAIN_PER_LIST * nlist) vectors, never the whole catalogue.
 
 Deletes. HNSW has no `remove_ids`, and IDMap2 over IVF cannot remove either (IVF keeps its internal
 ids, so IDMap2's compaction would desynchronise). So CPU Flat removes physically (O(N) compaction)
 and every other index tombstones: the row's external id in `id_map` becomes `-2 - row`, a value no
 real id takes. The tombstone lives inside the index (survives save/load), and re-adding the id
 cannot resurrect the stale row. Searches filter tombstones with `IDSelectorRange(0, 2**63-1)`;
-`compact()` rebuilds without them (rebuild when `n_deleted` passes a few percent). `add` is an
+`compact()` rebuilds without them (rebuild when `n_deleted` passes a few percent; for SQ/PQ codes
+without a Flat refine it re-encodes decoded vectors, a small extra loss). `add` is an
 upsert: ids already present are removed first, so an id is never returned twice.
 
 Filtering. Per-query exclusions (seen items) run inside the search as
@@ -27,7 +32,7 @@ GPU policy. With `use_gpu` None or True and `faiss.get_num_gpus() > 0`, Flat and
 to GPU 0 via `index_cpu_to_gpu` (HNSW stays on CPU). With no GPU the index stays on CPU;
 `index_cpu_to_all_gpus` is never used (with no GPU it returns an unusable empty IndexReplicas).
 GPU indexes ignore IDSelectors (faiss#3114, #3924), so there, and for inners that reject selectors
-(PQ, pre-transforms), searches over-fetch k + |excluded| + tombstones (at most 2048 on GPU) and
+(IndexPQ, pre-transforms such as OPQ, refine steps), searches over-fetch k + |excluded| + tombstones (at most 2048 on GPU) and
 filter on the host. `save` always writes the CPU form.
 
 Concurrency. CPU searches may run concurrently; add/remove/compact must not overlap them
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EF_SEARCH = 128
 DEFAULT_NPROBE = 16
+DEFAULT_K_FACTOR = 4
 EXACT_FALLBACK_MAX = 65536
 GPU_MAX_K = 2048
 TRAIN_PER_LIST = 64
@@ -160,7 +166,9 @@ def build(vectors: np.ndarray, ids: np.ndarray, factory: str,
 
 
 def _set_defaults(inner: faiss.Index) -> None:
-    """Default search effort: efSearch for HNSW, nprobe for IVF."""
+    """Default search effort: efSearch for HNSW, nprobe for IVF, k_factor for a refine step."""
+    if isinstance(inner, faiss.IndexRefine):
+        inner.k_factor = DEFAULT_K_FACTOR
     if isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = DEFAULT_EF_SEARCH
     ivf = faiss.try_extract_index_ivf(inner)
@@ -169,9 +177,13 @@ def _set_defaults(inner: faiss.Index) -> None:
 
 
 def set_search_params(index: faiss.Index, ef_search: int | None = None,
-                      nprobe: int | None = None) -> None:
-    """Set HNSW efSearch and/or IVF nprobe; ValueError if the index has no such knob."""
+                      nprobe: int | None = None, k_factor: int | None = None) -> None:
+    """Set HNSW efSearch, IVF nprobe and/or refine k_factor; ValueError if there is no such knob."""
     inner = _inner(index)
+    if k_factor is not None:
+        if not isinstance(inner, faiss.IndexRefine) or k_factor < 1:
+            raise ValueError(f"k_factor >= 1 applies to refine indexes, not {type(inner).__name__}")
+        inner.k_factor = int(k_factor)
     if ef_search is not None:
         if not isinstance(inner, faiss.IndexHNSW):
             raise ValueError(f"ef_search applies to HNSW indexes, not {type(inner).__name__}")
@@ -184,12 +196,15 @@ def set_search_params(index: faiss.Index, ef_search: int | None = None,
 
 
 def get_search_params(index: faiss.Index) -> dict[str, int]:
-    """Current efSearch / nprobe of the index (empty for Flat)."""
+    """Current efSearch / nprobe / k_factor of the index (empty for Flat)."""
     inner = _inner(index)
     if isinstance(inner, faiss.IndexHNSW):
         return {"efSearch": int(inner.hnsw.efSearch)}
+    out = {"k_factor": int(inner.k_factor)} if isinstance(inner, faiss.IndexRefine) else {}
     ivf = inner if _on_gpu(inner) else faiss.try_extract_index_ivf(inner)
-    return {"nprobe": int(ivf.nprobe)} if ivf is not None and hasattr(ivf, "nprobe") else {}
+    if ivf is not None and hasattr(ivf, "nprobe"):
+        out["nprobe"] = int(ivf.nprobe)
+    return out
 
 
 def contains(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
@@ -354,10 +369,11 @@ def search(index: faiss.Index, queries: np.ndarray, k: int,
                 todo.append(i)
             else:
                 _fill(out_scores[i], out_ids[i], scores[row], ids[row])
-    deleted = None if _supports_selector(inner) else n_deleted(index)
+    use_selector = _supports_selector(inner)
+    deleted = 0 if use_selector or not todo else n_deleted(index)  # O(N) scan: only when needed
     for i in todo:
         query = q[i:i + 1]
-        if deleted is None:
+        if use_selector:
             scores, ids = _search_one(index, inner, query, k, excluded[i])
         else:
             scores, ids = _search_overfetch(index, query, k, excluded[i], deleted)
