@@ -49,6 +49,7 @@ import faiss
 import numpy as np
 
 from index.atomic import atomic_path
+from index.gpu import on_gpu as _on_gpu, to_cpu as _to_cpu, to_gpu as _to_gpu
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ GPU_MAX_K = 2048
 TRAIN_PER_LIST = 64
 TRAIN_MIN = 65536
 _MAX_ID = np.iinfo(np.int64).max
-_gpu_resources = None
 
 
 def _inner(index: faiss.Index) -> faiss.Index:
@@ -72,36 +72,6 @@ def _id_map(index: faiss.Index) -> np.ndarray:
     """Writable numpy view of the IDMap2 row -> external id table (do not keep it across adds)."""
     n = index.id_map.size()
     return faiss.rev_swig_ptr(index.id_map.data(), n) if n else np.empty(0, dtype=np.int64)
-
-
-def _on_gpu(inner: faiss.Index) -> bool:
-    """Whether this (downcast) index lives on a GPU."""
-    return hasattr(faiss, "GpuIndex") and isinstance(inner, faiss.GpuIndex)
-
-
-def _to_gpu(index: faiss.Index, use_gpu: bool | None) -> faiss.Index:
-    """Move a Flat/IVF index to GPU 0 when asked (or by default) and one exists; else return it."""
-    if use_gpu is False:
-        return index
-    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "StandardGpuResources"):
-        if use_gpu:
-            log.warning("use_gpu=True but faiss sees no GPU; keeping the index on CPU")
-        return index
-    if not isinstance(_inner(index), (faiss.IndexFlat, faiss.IndexIVF)):
-        return index
-    global _gpu_resources
-    if _gpu_resources is None:
-        _gpu_resources = faiss.StandardGpuResources()
-    try:
-        return faiss.index_cpu_to_gpu(_gpu_resources, 0, index)
-    except RuntimeError as err:
-        log.warning("could not move index to GPU (%s); keeping it on CPU", err)
-        return index
-
-
-def _to_cpu(index: faiss.Index) -> faiss.Index:
-    """The index itself if on CPU, else a CPU copy."""
-    return faiss.index_gpu_to_cpu(index) if _on_gpu(_inner(index)) else index
 
 
 def _as_vectors(vectors: np.ndarray, d: int | None = None) -> np.ndarray:
