@@ -21,3 +21,24 @@ def test_table_rows_and_reuse(tmp_path, capsys):
     assert seeds.main(argv) == 0
     second = capsys.readouterr().out
     assert "training" not in second and second.split("| config")[1] == first.split("| config")[1]
+
+
+def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 12},
+        "eval": {"ks": [20], "patience": 0, "min_epochs": 8}}))
+    out = tmp_path / "out"
+    base = ["--config", str(config), "--seeds", "0", "1", "--out", str(out)]
+    assert seeds.main([*base, "--derive", "mmrec"]) == 0
+    derived = capsys.readouterr().out
+    assert derived.count("training tiny patient") == 2 and "training tiny mmrec" not in derived
+    assert "| tiny | mmrec (derived) | 2 | " in derived
+    assert seeds.main(base) == 0                       # now train mmrec for real
+    real = capsys.readouterr().out
+    assert real.count("training tiny mmrec") == 2 and "training tiny patient" not in real
+    row = lambda text, name: next(line for line in text.splitlines()
+                                  if line.startswith(f"| tiny | {name}"))
+    assert row(derived, "mmrec (derived)").split("|")[3:] == row(real, "mmrec |").split("|")[3:]
