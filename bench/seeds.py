@@ -5,8 +5,8 @@ and the best epochs, optionally under several early-stopping protocols side by s
         --protocols mmrec patient [--derive mmrec] [--set optim.epochs=300] [--threads 2]
 
 Each (protocol, seed) run lives under --out/<config stem>/<protocol>/<seed> and is reused when
-finished with the same resolved config. Test figures are the ones at the best validation epoch.
-With --derive, those protocols are not trained: their figures are replayed exactly from the
+finished with the same resolved config; an unfinished one resumes from its checkpoint. Test
+figures are the ones at the best validation epoch. With --derive, those protocols are not trained: their figures are replayed exactly from the
 per-epoch history of the last trained protocol's run of the same seed (train.fit.replay_stopping;
 training up to an epoch does not depend on the stopping rule), which must stop no earlier.
 """
@@ -22,7 +22,7 @@ import torch
 from bench.common import ROOT
 from train.config import load_config
 from train.fit import replay_stopping
-from train.run import CONFIG, METRICS, RunMetrics, read_metrics
+from train.run import CHECKPOINT, CONFIG, METRICS, RunMetrics, read_metrics
 from train.stage1 import run_stage1
 
 
@@ -32,11 +32,13 @@ def one_run(config: Path, protocol: str, seed: int, args: argparse.Namespace) ->
     overrides += [f"threads={args.threads}"] if args.threads else []
     cfg = load_config(config, overrides)
     out = args.out / config.stem / protocol / str(seed)
-    if (out / METRICS).is_file() and (out / CONFIG).is_file() and not args.rerun:
-        if load_config(out / CONFIG).config_hash() == cfg.config_hash():
-            return read_metrics(out)
-    print(f"training {config.stem} {protocol} seed {seed} -> {out}", flush=True)
-    run_stage1(cfg, out, torch.device("cpu"))
+    same = (out / CONFIG).is_file() and load_config(out / CONFIG).config_hash() == cfg.config_hash()
+    if same and (out / METRICS).is_file() and not args.rerun:
+        return read_metrics(out)
+    resume = same and (out / CHECKPOINT).is_file() and not (out / METRICS).is_file()
+    print(f"training {config.stem} {protocol} seed {seed} -> {out}"
+          + (" (resuming)" if resume else ""), flush=True)
+    run_stage1(cfg, out, torch.device("cpu"), resume=resume and not args.rerun)
     return read_metrics(out)
 
 

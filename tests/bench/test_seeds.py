@@ -1,9 +1,13 @@
 """bench.seeds on a tiny config: one row per protocol with the seed spread, runs reused."""
 from __future__ import annotations
 
+import torch
 import yaml
 
 from bench import seeds
+from train.config import load_config
+from train.run import METRICS, read_metrics
+from train.stage1 import run_stage1
 from train.synthetic import generate
 
 
@@ -42,3 +46,24 @@ def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
     row = lambda text, name: next(line for line in text.splitlines()
                                   if line.startswith(f"| tiny | {name}"))
     assert row(derived, "mmrec (derived)").split("|")[3:] == row(real, "mmrec |").split("|")[3:]
+
+
+def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 6}, "eval": {"ks": [20], "patience": 20}}))
+    cfg = load_config(config, ["seed=0", "eval.protocol=mmrec"])
+    cut = tmp_path / "cut" / "tiny" / "mmrec" / "0"
+    run_stage1(cfg, cut, torch.device("cpu"), max_epochs_this_call=2)
+    (cut / METRICS).unlink()                           # as if killed after two epochs
+    argv = ["--config", str(config), "--seeds", "0", "--protocols", "mmrec"]
+    assert seeds.main([*argv, "--out", str(tmp_path / "cut")]) == 0
+    resumed = capsys.readouterr().out
+    assert "(resuming)" in resumed
+    assert seeds.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = capsys.readouterr().out
+    assert "(resuming)" not in full
+    assert resumed.split("| config")[1] == full.split("| config")[1]
+    assert read_metrics(cut).epochs_run == 6
