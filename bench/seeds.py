@@ -2,10 +2,14 @@
 and the best epochs, optionally under several early-stopping protocols side by side.
 
     python -m bench.seeds --config configs/ml100k/lightgcn.yaml --seeds 1 2 3 4 5 \\
-        --protocols mmrec patient [--set optim.epochs=300] [--threads 2]
+        --protocols mmrec patient [--derive mmrec] [--set optim.epochs=300] [--threads 2]
 
 Each (protocol, seed) run lives under --out/<config stem>/<protocol>/<seed> and is reused when
-finished with the same resolved config. Test figures are the ones at the best validation epoch.
+finished with the same resolved config; an unfinished one resumes from its checkpoint. Test
+figures are the ones at the best validation epoch. The --derive protocols are not trained: their
+figures are replayed exactly from the per-epoch history of the last trained protocol's run of the
+same seed (train.fit.replay_stopping; training up to an epoch does not depend on the stopping
+rule), which must stop no earlier.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch
 
 from bench.common import ROOT
 from train.config import load_config
-from train.run import CONFIG, METRICS, RunMetrics, read_metrics
+from train.fit import replay_stopping
+from train.run import CHECKPOINT, CONFIG, METRICS, RunMetrics, read_metrics
 from train.stage1 import run_stage1
 
 
@@ -28,12 +33,38 @@ def one_run(config: Path, protocol: str, seed: int, args: argparse.Namespace) ->
     overrides += [f"threads={args.threads}"] if args.threads else []
     cfg = load_config(config, overrides)
     out = args.out / config.stem / protocol / str(seed)
-    if (out / METRICS).is_file() and (out / CONFIG).is_file() and not args.rerun:
-        if load_config(out / CONFIG).config_hash() == cfg.config_hash():
-            return read_metrics(out)
-    print(f"training {config.stem} {protocol} seed {seed} -> {out}", flush=True)
-    run_stage1(cfg, out, torch.device("cpu"))
+    same = (out / CONFIG).is_file() and load_config(out / CONFIG).config_hash() == cfg.config_hash()
+    if same and (out / METRICS).is_file() and not args.rerun:
+        return read_metrics(out)
+    resume = same and (out / CHECKPOINT).is_file() and not (out / METRICS).is_file()
+    print(f"training {config.stem} {protocol} seed {seed} -> {out}"
+          + (" (resuming)" if resume else ""), flush=True)
+    run_stage1(cfg, out, torch.device("cpu"), resume=resume and not args.rerun)
     return read_metrics(out)
+
+
+def derived_run(config: Path, protocol: str, seed: int, source: RunMetrics,
+                args: argparse.Namespace) -> RunMetrics:
+    """The figures `protocol` would have selected, replayed from `source`'s history."""
+    cfg = load_config(config, [*args.set, f"seed={seed}", f"eval.protocol={protocol}"])
+    history = (source.model_extra or {}).get("history")
+    if not history:
+        raise SystemExit(f"{config.stem} seed {seed}: the source run has no per-epoch history "
+                         "in metrics.json (trained before it was recorded); rerun it (--rerun)")
+    return RunMetrics.model_validate(replay_stopping(history, cfg.eval.valid_metric,
+                                                     cfg.eval.stops, cfg.optim.epochs))
+
+
+def config_runs(config: Path, args: argparse.Namespace) -> dict[str, list[RunMetrics]]:
+    """protocol -> the runs of every seed, trained or derived (--derive)."""
+    trained = [p for p in args.protocols if p not in args.derive]
+    if not trained:
+        raise SystemExit("--derive needs at least one protocol that is trained")
+    runs = {p: [one_run(config, p, s, args) for s in args.seeds] for p in trained}
+    source = runs[trained[-1]]
+    for p in args.derive:
+        runs[p] = [derived_run(config, p, s, src, args) for s, src in zip(args.seeds, source)]
+    return {p: runs[p] for p in args.protocols}
 
 
 def spread(values: list[float], digits: int = 4) -> str:
@@ -59,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--protocols", nargs="+", default=["mmrec", "patient"],
                    choices=["mmrec", "patient"])
+    p.add_argument("--derive", nargs="+", default=[], choices=["mmrec", "patient"],
+                   help="protocols replayed from the last trained protocol's runs, not trained")
     p.add_argument("--metric", default="recall@20")
     p.add_argument("--set", action="append", default=[], metavar="a.b=c",
                    help="config override for every run (repeatable)")
@@ -66,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "seeds")
     p.add_argument("--rerun", action="store_true", help="ignore finished runs")
     args = p.parse_args(argv)
-    rows = [row(c.stem, proto, [one_run(c, proto, s, args) for s in args.seeds], args.metric)
-            for c in args.config for proto in args.protocols]
+    unknown = set(args.derive) - set(args.protocols)
+    if unknown:
+        p.error(f"--derive {sorted(unknown)} not among --protocols")
+    rows = []
+    for c in args.config:
+        rows += [row(c.stem, proto + (" (derived)" if proto in args.derive else ""), runs,
+                     args.metric) for proto, runs in config_runs(c, args).items()]
     m = args.metric
     print(f"\n| config | protocol | seeds | test {m} mean ± std (min-max) | valid {m} | "
           "best epochs | epochs run |\n" + "|---" * 7 + "|")

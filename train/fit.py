@@ -136,6 +136,34 @@ def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[in
     return state
 
 
+def replay_stopping(history: list[dict], metric: str, stops: Callable[[int, int, int], bool],
+                    max_epochs: int) -> dict:
+    """What run_epochs would have selected under another stopping rule, from a longer run's
+    per-epoch history (valid every epoch, test at each new best): best_epoch, valid, test and
+    epochs_run. Exact because training up to an epoch does not depend on the stopping rule;
+    ValueError when the rule would have trained past the end of the history."""
+    best, best_epoch, bad, chosen, epochs_run = -math.inf, -1, 0, None, 0
+    for i, record in enumerate(history):
+        if record["epoch"] != i:
+            raise ValueError(f"history is not consecutive from epoch 0 (epoch {record['epoch']} "
+                             f"at position {i})")
+        if stops(i, best_epoch, bad):
+            break
+        if record["valid"][metric] > best:
+            best, best_epoch, bad, chosen = record["valid"][metric], i, 0, record
+        else:
+            bad += 1
+        epochs_run = i + 1
+    else:
+        if len(history) < max_epochs and not stops(len(history), best_epoch, bad):
+            raise ValueError(f"the rule trains past the {len(history)} recorded epochs; derive "
+                             "it from a run that trained at least as long")
+    if chosen is None:
+        raise ValueError("empty history: nothing to select")
+    return {"best_epoch": best_epoch, "epochs_run": epochs_run, "valid": chosen["valid"],
+            "test": chosen["test"]}
+
+
 def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: EvalConfig,
         run_dir: Path, seed: int, device: torch.device, resume: bool = False,
         max_epochs_this_call: int | None = None, heads: ContentHeads | None = None,

@@ -34,7 +34,9 @@ def metrics_summary(state: FitState) -> dict:
     return {"valid": state.best_valid_metrics, "test": state.best_test_metrics,
             "best_epoch": state.best_epoch, "epochs_run": state.epoch + 1,
             "epoch_seconds": [h["train_seconds"] for h in state.history],
-            "eval_seconds": [h["eval_seconds"] for h in state.history]}
+            "eval_seconds": [h["eval_seconds"] for h in state.history],
+            "history": [{k: h[k] for k in ("epoch", "valid", "test") if k in h}
+                        for h in state.history]}
 
 
 def metrics_table(metrics: dict) -> str:

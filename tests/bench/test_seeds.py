@@ -1,9 +1,13 @@
 """bench.seeds on a tiny config: one row per protocol with the seed spread, runs reused."""
 from __future__ import annotations
 
+import torch
 import yaml
 
 from bench import seeds
+from train.config import load_config
+from train.run import METRICS, read_metrics
+from train.stage1 import run_stage1
 from train.synthetic import generate
 
 
@@ -21,3 +25,45 @@ def test_table_rows_and_reuse(tmp_path, capsys):
     assert seeds.main(argv) == 0
     second = capsys.readouterr().out
     assert "training" not in second and second.split("| config")[1] == first.split("| config")[1]
+
+
+def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 12},
+        "eval": {"ks": [20], "patience": 0, "min_epochs": 8}}))
+    out = tmp_path / "out"
+    base = ["--config", str(config), "--seeds", "0", "1", "--out", str(out)]
+    assert seeds.main([*base, "--derive", "mmrec"]) == 0
+    derived = capsys.readouterr().out
+    assert derived.count("training tiny patient") == 2 and "training tiny mmrec" not in derived
+    assert "| tiny | mmrec (derived) | 2 | " in derived
+    assert seeds.main(base) == 0                       # now train mmrec for real
+    real = capsys.readouterr().out
+    assert real.count("training tiny mmrec") == 2 and "training tiny patient" not in real
+    row = lambda text, name: next(line for line in text.splitlines()
+                                  if line.startswith(f"| tiny | {name}"))
+    assert row(derived, "mmrec (derived)").split("|")[3:] == row(real, "mmrec |").split("|")[3:]
+
+
+def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 6}, "eval": {"ks": [20], "patience": 20}}))
+    cfg = load_config(config, ["seed=0", "eval.protocol=mmrec"])
+    cut = tmp_path / "cut" / "tiny" / "mmrec" / "0"
+    run_stage1(cfg, cut, torch.device("cpu"), max_epochs_this_call=2)
+    (cut / METRICS).unlink()                           # as if killed after two epochs
+    argv = ["--config", str(config), "--seeds", "0", "--protocols", "mmrec"]
+    assert seeds.main([*argv, "--out", str(tmp_path / "cut")]) == 0
+    resumed = capsys.readouterr().out
+    assert "(resuming)" in resumed
+    assert seeds.main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = capsys.readouterr().out
+    assert "(resuming)" not in full
+    assert resumed.split("| config")[1] == full.split("| config")[1]
+    assert read_metrics(cut).epochs_run == 6

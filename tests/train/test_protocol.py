@@ -1,9 +1,11 @@
 """Early-stopping protocols: MMRec's exact rule and the patient one."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from train.config import EvalConfig, TrainConfig
+from train.fit import replay_stopping
 from train.run import read_metrics
 from train.stage1 import run_stage1
 from train.synthetic import generate
@@ -40,3 +42,55 @@ def test_patient_protocol_trains_at_least_min_epochs(tmp_path):
     # the first epochs are the same training either way, so the patient run's best validation
     # is the best over a superset of the same epochs
     assert patient.valid["recall@20"] >= mmrec.valid["recall@20"]
+
+
+def _history(valid: list[float]) -> list[dict]:
+    """A per-epoch history as metrics.json records it (test at each new best)."""
+    out, best = [], -1.0
+    for epoch, v in enumerate(valid):
+        record = {"epoch": epoch, "valid": {"recall@20": v}}
+        if v > best:
+            best, record["test"] = v, {"recall@20": v / 2}
+        out.append(record)
+    return out
+
+
+def test_replay_selects_what_the_rule_would_have_stopped_at():
+    history = _history([0.1, 0.2, 0.15, 0.15, 0.15, 0.3, 0.1, 0.1, 0.1, 0.1])
+    mmrec = EvalConfig(ks=[20], patience=2)
+    got = replay_stopping(history, "recall@20", mmrec.stops, max_epochs=100)
+    assert got == {"best_epoch": 1, "epochs_run": 5, "valid": {"recall@20": 0.2},
+                   "test": {"recall@20": 0.1}}
+    patient = EvalConfig(ks=[20], patience=2, protocol="patient", min_epochs=6)
+    got = replay_stopping(history, "recall@20", patient.stops, max_epochs=100)
+    assert (got["best_epoch"], got["epochs_run"], got["test"]) == (5, 9, {"recall@20": 0.15})
+
+
+def test_replay_refuses_a_rule_that_trains_past_the_history():
+    history = _history([0.1, 0.2, 0.15, 0.15])
+    with pytest.raises(ValueError, match="past the 4 recorded epochs"):
+        replay_stopping(history, "recall@20", EvalConfig(ks=[20], patience=5).stops, 100)
+    # a history that ran to max_epochs is complete for any rule
+    got = replay_stopping(history, "recall@20", EvalConfig(ks=[20], patience=5).stops, 4)
+    assert (got["best_epoch"], got["epochs_run"]) == (1, 4)
+
+
+def test_mmrec_replayed_from_a_patient_run_equals_a_real_mmrec_run(tmp_path):
+    data = generate(tmp_path / "data", n_users=60, n_items=40, seed=1)
+
+    def run(protocol: str):
+        cfg = TrainConfig.model_validate({
+            "seed": 2, "data": {"path": str(data)},
+            "backbone": {"name": "lightgcn", "embedding_size": 8},
+            "optim": {"batch_size": 64, "epochs": 30},
+            "eval": {"ks": [20], "patience": 1, "protocol": protocol, "min_epochs": 20}})
+        run_stage1(cfg, tmp_path / protocol, torch.device("cpu"))
+        return cfg, read_metrics(tmp_path / protocol)
+
+    (mmrec_cfg, mmrec), (_, patient) = run("mmrec"), run("patient")
+    assert mmrec.epochs_run < patient.epochs_run          # the replay has something to cut
+    assert len(patient.history) == patient.epochs_run
+    got = replay_stopping(patient.history, "recall@20", mmrec_cfg.eval.stops,
+                          mmrec_cfg.optim.epochs)
+    assert got == {"best_epoch": mmrec.best_epoch, "epochs_run": mmrec.epochs_run,
+                   "valid": mmrec.valid, "test": mmrec.test}
