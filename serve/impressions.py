@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 
 from index.events import SQLStore, StoreError
@@ -24,26 +23,26 @@ from index.events import impressions as imp_store
 from index.events.impressions import Impression
 from serve.experiment_config import Impressions
 from serve.metrics import Metrics
+from serve.polling import Daemon
 
 log = logging.getLogger(__name__)
 RETRIES = 3
 
 
-class ImpressionWriter:
+class ImpressionWriter(Daemon):
     """A bounded queue of impressions and the thread that commits them in batches."""
 
     def __init__(self, store: SQLStore, metrics: Metrics, spec: Impressions):
+        super().__init__("impression-writer")
         self.store, self.metrics, self.spec = store, metrics, spec
         self._queue: queue.Queue[Impression] = queue.Queue(maxsize=spec.queue)
-        self._stop = threading.Event()
         self._pending: list[Impression] = []
         self._tries = 0
-        self._thread = threading.Thread(target=self._run, name="impression-writer", daemon=True)
 
     def start(self) -> None:
         """Create the table and start the writer thread."""
         imp_store.ensure_schema(self.store)
-        self._thread.start()
+        super().start()
 
     def offer(self, impression: Impression) -> bool:
         """Queue an impression without blocking; False (and counted) when the queue is full."""
@@ -54,12 +53,6 @@ class ImpressionWriter:
             return False
         self.metrics.impressions.labels(result="queued").inc()
         return True
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued and stop the thread."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _run(self) -> None:
         """Collect and write batches until stopped, then flush the rest."""

@@ -1,5 +1,6 @@
-"""Background loops of the server: `PollLoop`, a daemon thread calling `check()` every
-`poll_seconds` (the bundle and experiment watchers), and `Backoff`, the retry delays of the
+"""Background threads of the server: `Daemon` (a stoppable daemon thread: the impression writer,
+the first connection to the store), `PollLoop`, one calling `check()` every `poll_seconds` (the
+bundle and experiment watchers), and `Backoff`, the retry delays of the
 store's LISTEN connection and of the first connection to the store."""
 from __future__ import annotations
 
@@ -26,28 +27,39 @@ class Backoff:
         self._delay = self.first
 
 
-class PollLoop:
-    """A daemon thread calling `check()` now and then every `poll_seconds` until stopped; an
+class Daemon:
+    """A named daemon thread running `_run()` until `stop()` sets `_stop`; `stop` waits for it."""
+
+    def __init__(self, name: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        """The thread's body (subclasses); returns once `_stop` is set."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the thread to end and wait for the work in progress to finish."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+class PollLoop(Daemon):
+    """A daemon thread calling `check()` at once and then every `poll_seconds` until stopped; an
     exception is logged and the loop goes on (a watcher must outlive any bad bundle)."""
 
     def __init__(self, name: str, poll_seconds: float):
+        super().__init__(name)
         self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def check(self) -> bool:
         """One poll (subclasses)."""
         raise NotImplementedError
-
-    def start(self) -> None:
-        """Start polling (the first check runs immediately)."""
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling and wait for a check in progress to finish."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
 
     def _run(self) -> None:
         """Poll until stopped; never dies on an error."""

@@ -12,17 +12,16 @@ its password; `python -m serve` then exits with code 2.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from index.events import SQLStore, StoreError, StoreUnavailable
-from serve.polling import Backoff
+from serve.polling import Backoff, Daemon
 
 log = logging.getLogger(__name__)
 
 
-class StoreWait:
+class StoreWait(Daemon):
     """Background first connection to the event store, with backoff and a deadline."""
 
     def __init__(self, store: SQLStore, metrics, wait_seconds: float,
@@ -30,18 +29,7 @@ class StoreWait:
         self.store, self.metrics, self.wait_seconds = store, metrics, wait_seconds
         self.on_ready, self.on_give_up = on_ready, on_give_up
         self.waiting_for: str | None = "the event store has not been reached yet"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="store-wait", daemon=True)
-
-    def start(self) -> None:
-        """Start trying."""
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop trying (a try in progress ends within the connect timeout)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        super().__init__("store-wait")  # stop(): a try in progress ends within the connect timeout
 
     def _run(self) -> None:
         """Try until the store answers, the deadline passes or stop()."""

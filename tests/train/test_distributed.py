@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,7 @@ import yaml
 from train import distributed
 from train.synthetic import generate
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+from tests.train.torchrun import ROOT, TORCHRUN, kill_one_rank
 
 
 def _config(tmp_path: Path, data: Path, **changes) -> Path:
@@ -75,36 +72,11 @@ def test_two_ranks_write_one_run_and_evaluate_exactly(tmp_path, data):
     assert one == two == metrics["test"]
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of pid (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 def test_killed_rank_resumes_from_the_checkpoint(tmp_path, data):
     config = _config(tmp_path, data, optim={"batch_size": 200, "epochs": 40})
     out = tmp_path / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen([*TORCHRUN, "--max-restarts", "1", "-m", "train", "--config",
-                             str(config), "--out", str(out), "--resume"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "checkpoint.pt").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.05)
-        workers = _children(proc.pid)
-        assert len(workers) == 2
-        os.kill(workers[1], signal.SIGKILL)  # one rank dies mid-run
-        assert proc.wait(240) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = (tmp_path / "log.txt").read_text()
+    text = kill_one_rank(["train", "--config", str(config), "--out", str(out), "--resume"], out,
+                         tmp_path / "log.txt", os.environ | {"OMP_NUM_THREADS": "1"}, 180, 240)
     assert "resumed from" in text, text[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 40 and metrics["world_size"] == 2

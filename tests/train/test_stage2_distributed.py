@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,8 @@ from train.stage1 import run_stage1
 from train.stage2 import main
 from train.synthetic import generate
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+from tests.train.torchrun import ROOT, TORCHRUN, kill_one_rank
+
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -90,35 +88,11 @@ def test_two_ranks_tune_as_one_process(stage1_run, tmp_path, groups):
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of pid (Linux /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 def test_killed_rank_resumes_stage2(stage1_run, tmp_path):
     config = _stage2_yaml(tmp_path, optim={"epochs": 12, "patience": 20})
     out = tmp_path / "run"
-    log = (tmp_path / "log.txt").open("w")
-    proc = subprocess.Popen([*TORCHRUN, "--max-restarts", "1", "-m", "train.stage2",
-                             "--stage1", str(stage1_run), "--config", str(config), "--out", str(out),
-                             "--resume"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoint.pt").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.05)
-        workers = _children(proc.pid)
-        assert len(workers) == 2
-        os.kill(workers[1], signal.SIGKILL)  # one rank dies mid-run
-        assert proc.wait(300) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    text = (tmp_path / "log.txt").read_text()
+    text = kill_one_rank(["train.stage2", "--stage1", str(stage1_run), "--config", str(config),
+                          "--out", str(out), "--resume"], out, tmp_path / "log.txt", ENV, 240, 300)
     assert "resumed from" in text, text[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 12 and metrics["world_size"] == 2
