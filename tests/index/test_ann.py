@@ -29,13 +29,7 @@ def brute(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int,
     return scores[top], ids[keep][top]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_omp_thread():
-    """Single-query searches pay OpenMP start-up per call; one thread is faster on a shared box."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 @pytest.fixture(scope="module")

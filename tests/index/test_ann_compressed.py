@@ -11,13 +11,7 @@ from tests.index.test_ann import clustered
 COMPRESSED = ["IVF16,SQ8", "IVF16,PQ8x4,Refine(SQ8)", "IVF16,PQ8x4,RFlat", "OPQ8,IVF16,PQ8x4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_omp_thread():
-    """One OpenMP thread: the serving setting, and kind to a shared machine."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_omp_thread")
 
 
 @pytest.fixture(scope="module")
