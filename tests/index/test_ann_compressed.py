@@ -1,7 +1,6 @@
 """index.ann on compressed factories (IVF-SQ8, IVF-PQ with a refine step, OPQ) for large catalogues."""
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
