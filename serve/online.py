@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from index.events import DELETE, INTERACTIONS, UPSERT, Event
-from serve.polling import Backoff
+from serve.polling import Backoff, Daemon
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +143,14 @@ class ListenLoop:
         self.metrics.store_listening.set(0)
 
 
-class Poller:
+class Poller(Daemon):
     """Applies other writers' events every `poll_seconds`, and at once when the store's LISTEN
     connection (PostgreSQL, `listen`) reports a commit; exports the store's gauges."""
 
     def __init__(self, holder, metrics, poll_seconds: float = 2.0, listen: bool = True):
+        super().__init__("event-poller")
         self.holder, self.metrics, self.poll_seconds = holder, metrics, poll_seconds
-        self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="event-poller", daemon=True)
         listener = holder.store.listener() if listen else None
         self.listen = None if listener is None else ListenLoop(
             listener, self._wake, self._stop, metrics, poll_seconds)
@@ -160,17 +159,17 @@ class Poller:
 
     def start(self) -> None:
         """Start polling (and listening)."""
-        self._thread.start()
+        super().start()
         if self.listen is not None:
             self.listen.thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop polling and listening."""
         self._stop.set()
-        self._wake.set()
-        for thread in (self._thread, None if self.listen is None else self.listen.thread):
-            if thread is not None and thread.is_alive():
-                thread.join(timeout)
+        self._wake.set()  # after _stop: the woken loop sees it and returns
+        super().stop(timeout)
+        if self.listen is not None and self.listen.thread.is_alive():
+            self.listen.thread.join(timeout)
 
     def _run(self) -> None:
         """Poll on every wake-up or after `poll_seconds` until stopped; never dies on an error."""

@@ -1,7 +1,7 @@
-"""Background threads of the server: `Daemon` (a stoppable daemon thread: the impression writer,
-the first connection to the store), `PollLoop`, one calling `check()` every `poll_seconds` (the
-bundle and experiment watchers), and `Backoff`, the retry delays of the
-store's LISTEN connection and of the first connection to the store."""
+"""Background threads of the server: `Daemon`, a stoppable daemon thread (the event poller, the
+impression writer, the first connection to the store); `PollLoop`, one calling `check()` every
+`poll_seconds` (the bundle and experiment watchers); and `Backoff`, the retry delays of the store's
+LISTEN connection and of the first connection to the store."""
 from __future__ import annotations
 
 import logging

@@ -79,10 +79,7 @@ def _save(run_dir, model, optimizer, scheduler, generator, state: FitState) -> N
         return
     checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                            "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": (torch.cuda.get_rng_state_all()
-                                         if torch.cuda.is_initialized() else None),
-                            "state": state.__dict__},
+                            **checkpoint.rng_state(), "state": state.__dict__},
                            run_dir / CHECKPOINT)
 
 
@@ -93,9 +90,7 @@ def _restore(run_dir, model, optimizer, scheduler, generator) -> FitState:
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     generator.set_state(ck["generator"])
-    torch.set_rng_state(ck["torch_rng"])
-    if ck.get("cuda_rng") is not None and torch.cuda.is_available():  # SMORE dropout, distill
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])                  # negatives draw on CUDA
+    checkpoint.restore_rng(ck)
     log.info("resumed from %s after epoch %d", run_dir / CHECKPOINT, ck["state"]["epoch"])
     return FitState(**ck["state"])
 

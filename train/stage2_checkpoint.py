@@ -38,7 +38,7 @@ class Loop:
         if distributed.is_main():
             checkpoint.save_atomic({
                 "modules": self.modules.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(), **checkpoint.rng_state(),
                 "current": self.current, "kept": self.kept, "start_valid": start_valid,
                 "state": state.__dict__}, path)
 
@@ -48,7 +48,7 @@ class Loop:
         self.modules.load_state_dict(ck["modules"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.generator.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
+        checkpoint.restore_rng(ck)
         device = next(self.modules.parameters()).device
         self.current.update(_to(ck["current"], device))
         self.kept.update(_to(ck["kept"], device))
