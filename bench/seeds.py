@@ -4,7 +4,8 @@ and the best epochs, optionally under several early-stopping protocols side by s
     python -m bench.seeds --config configs/ml100k/lightgcn.yaml --seeds 1 2 3 4 5 \\
         --protocols mmrec patient [--derive mmrec] [--set optim.epochs=300] [--threads 2]
 
-Each (protocol, seed) run lives under --out/<config stem>/<protocol>/<seed> and is reused when
+Each (protocol, seed) run lives under --out/<config folder>/<config stem>/<protocol>/<seed> (e.g.
+ml100k/lightgcn/patient/1) and is reused when
 finished with the same resolved config; an unfinished one resumes from its checkpoint. Test
 figures are the ones at the best validation epoch. The --derive protocols are not trained: their
 figures are replayed exactly from the per-epoch history of the last trained protocol's run of the
@@ -27,17 +28,23 @@ from train.run import CHECKPOINT, CONFIG, METRICS, RunMetrics, read_metrics
 from train.stage1 import run_stage1
 
 
+def config_name(config: Path) -> str:
+    """`<folder>/<stem>` of a config: configs/ml100k/lightgcn.yaml and configs/baby/lightgcn.yaml
+    must not share runs or a table row."""
+    return f"{config.parent.name}/{config.stem}"
+
+
 def one_run(config: Path, protocol: str, seed: int, args: argparse.Namespace) -> RunMetrics:
     """A finished run of the config under one protocol and seed (trained when missing)."""
     overrides = [*args.set, f"seed={seed}", f"eval.protocol={protocol}"]
     overrides += [f"threads={args.threads}"] if args.threads else []
     cfg = load_config(config, overrides)
-    out = args.out / config.stem / protocol / str(seed)
+    out = args.out / config_name(config) / protocol / str(seed)
     same = (out / CONFIG).is_file() and load_config(out / CONFIG).config_hash() == cfg.config_hash()
     if same and (out / METRICS).is_file() and not args.rerun:
         return read_metrics(out)
     resume = same and (out / CHECKPOINT).is_file() and not (out / METRICS).is_file()
-    print(f"training {config.stem} {protocol} seed {seed} -> {out}"
+    print(f"training {config_name(config)} {protocol} seed {seed} -> {out}"
           + (" (resuming)" if resume else ""), flush=True)
     run_stage1(cfg, out, torch.device("cpu"), resume=resume and not args.rerun)
     return read_metrics(out)
@@ -49,8 +56,9 @@ def derived_run(config: Path, protocol: str, seed: int, source: RunMetrics,
     cfg = load_config(config, [*args.set, f"seed={seed}", f"eval.protocol={protocol}"])
     history = (source.model_extra or {}).get("history")
     if not history:
-        raise SystemExit(f"{config.stem} seed {seed}: the source run has no per-epoch history "
-                         "in metrics.json (trained before it was recorded); rerun it (--rerun)")
+        raise SystemExit(f"{config_name(config)} seed {seed}: the source run has no per-epoch "
+                         "history in metrics.json (trained before it was recorded); rerun it "
+                         "(--rerun)")
     return RunMetrics.model_validate(replay_stopping(history, cfg.eval.valid_metric,
                                                      cfg.eval.stops, cfg.optim.epochs))
 
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--derive {sorted(unknown)} not among --protocols")
     rows = []
     for c in args.config:
-        rows += [row(c.stem, proto + (" (derived)" if proto in args.derive else ""), runs,
+        rows += [row(config_name(c), proto + (" (derived)" if proto in args.derive else ""), runs,
                      args.metric) for proto, runs in config_runs(c, args).items()]
     m = args.metric
     print(f"\n| config | protocol | seeds | test {m} mean ± std (min-max) | valid {m} | "

@@ -13,15 +13,16 @@ from train.synthetic import generate
 
 def test_table_rows_and_reuse(tmp_path, capsys):
     data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "tiny.yaml"
+    config = tmp_path / "cfg" / "tiny.yaml"
+    config.parent.mkdir()
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
         "optim": {"batch_size": 64, "epochs": 3}, "eval": {"ks": [20], "min_epochs": 3}}))
     argv = ["--config", str(config), "--seeds", "0", "1", "--out", str(tmp_path / "out")]
     assert seeds.main(argv) == 0
     first = capsys.readouterr().out
-    assert first.count("training tiny") == 4
-    assert "| tiny | mmrec | 2 | " in first and "| tiny | patient | 2 | " in first
+    assert first.count("training cfg/tiny") == 4
+    assert "| cfg/tiny | mmrec | 2 | " in first and "| cfg/tiny | patient | 2 | " in first
     assert seeds.main(argv) == 0
     second = capsys.readouterr().out
     assert "training" not in second and second.split("| config")[1] == first.split("| config")[1]
@@ -29,7 +30,8 @@ def test_table_rows_and_reuse(tmp_path, capsys):
 
 def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
     data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "tiny.yaml"
+    config = tmp_path / "cfg" / "tiny.yaml"
+    config.parent.mkdir()
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
         "optim": {"batch_size": 64, "epochs": 12},
@@ -38,24 +40,26 @@ def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
     base = ["--config", str(config), "--seeds", "0", "1", "--out", str(out)]
     assert seeds.main([*base, "--derive", "mmrec"]) == 0
     derived = capsys.readouterr().out
-    assert derived.count("training tiny patient") == 2 and "training tiny mmrec" not in derived
-    assert "| tiny | mmrec (derived) | 2 | " in derived
+    assert derived.count("training cfg/tiny patient") == 2
+    assert "training cfg/tiny mmrec" not in derived
+    assert "| cfg/tiny | mmrec (derived) | 2 | " in derived
     assert seeds.main(base) == 0                       # now train mmrec for real
     real = capsys.readouterr().out
-    assert real.count("training tiny mmrec") == 2 and "training tiny patient" not in real
+    assert real.count("training cfg/tiny mmrec") == 2 and "training cfg/tiny patient" not in real
     row = lambda text, name: next(line for line in text.splitlines()
-                                  if line.startswith(f"| tiny | {name}"))
+                                  if line.startswith(f"| cfg/tiny | {name}"))
     assert row(derived, "mmrec (derived)").split("|")[3:] == row(real, "mmrec |").split("|")[3:]
 
 
 def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
     data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "tiny.yaml"
+    config = tmp_path / "cfg" / "tiny.yaml"
+    config.parent.mkdir()
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
         "optim": {"batch_size": 64, "epochs": 6}, "eval": {"ks": [20], "patience": 20}}))
     cfg = load_config(config, ["seed=0", "eval.protocol=mmrec"])
-    cut = tmp_path / "cut" / "tiny" / "mmrec" / "0"
+    cut = tmp_path / "cut" / "cfg" / "tiny" / "mmrec" / "0"
     run_stage1(cfg, cut, torch.device("cpu"), max_epochs_this_call=2)
     (cut / METRICS).unlink()                           # as if killed after two epochs
     argv = ["--config", str(config), "--seeds", "0", "--protocols", "mmrec"]
