@@ -2,15 +2,17 @@
 and the best epochs, optionally under several early-stopping protocols side by side.
 
     python -m bench.seeds --config configs/ml100k/lightgcn.yaml --seeds 1 2 3 4 5 \\
-        --protocols mmrec patient [--derive mmrec] [--set optim.epochs=300] [--threads 2]
+        --protocols mmrec patient [--derive mmrec] [--set optim.epochs=300] [--threads 2] \\
+        [--variant 'r0.25:eval.protocol=patient,eval.patience_ratio=0.25']
 
 Each (protocol, seed) run lives under --out/<config folder>/<config stem>/<protocol>/<seed> (e.g.
-ml100k/lightgcn/patient/1) and is reused when
-finished with the same resolved config; an unfinished one resumes from its checkpoint. Test
+ml100k/lightgcn/patient/1) and is reused when finished with the same resolved config; an
+unfinished one resumes from its checkpoint. Test
 figures are the ones at the best validation epoch. The --derive protocols are not trained: their
 figures are replayed exactly from the per-epoch history of the last trained protocol's run of the
 same seed (train.fit.replay_stopping; training up to an epoch does not depend on the stopping
-rule), which must stop no earlier.
+rule), which must stop no earlier. A --variant is another rule (config overrides under a label)
+replayed the same way, so candidate rules are compared on the very same training curves.
 """
 from __future__ import annotations
 
@@ -52,15 +54,21 @@ def one_run(config: Path, protocol: str, seed: int, args: argparse.Namespace) ->
 
 def derived_run(config: Path, protocol: str, seed: int, source: RunMetrics,
                 args: argparse.Namespace) -> RunMetrics:
-    """The figures `protocol` would have selected, replayed from `source`'s history."""
-    cfg = load_config(config, [*args.set, f"seed={seed}", f"eval.protocol={protocol}"])
+    """The figures `protocol` (a protocol name or a --variant label) would have selected,
+    replayed from `source`'s history."""
+    rule = args.variants.get(protocol, [f"eval.protocol={protocol}"])
+    cfg = load_config(config, [*args.set, f"seed={seed}", *rule])
     history = (source.model_extra or {}).get("history")
     if not history:
         raise SystemExit(f"{config_name(config)} seed {seed}: the source run has no per-epoch "
                          "history in metrics.json (trained before it was recorded); rerun it "
                          "(--rerun)")
-    return RunMetrics.model_validate(replay_stopping(history, cfg.eval.valid_metric,
-                                                     cfg.eval.stops, cfg.optim.epochs))
+    try:
+        replayed = replay_stopping(history, cfg.eval.valid_metric, cfg.eval.stops,
+                                   cfg.optim.epochs)
+    except ValueError as e:
+        raise SystemExit(f"{config_name(config)} seed {seed}, {protocol}: {e}") from None
+    return RunMetrics.model_validate(replayed)
 
 
 def config_runs(config: Path, args: argparse.Namespace) -> dict[str, list[RunMetrics]]:
@@ -70,9 +78,18 @@ def config_runs(config: Path, args: argparse.Namespace) -> dict[str, list[RunMet
         raise SystemExit("--derive needs at least one protocol that is trained")
     runs = {p: [one_run(config, p, s, args) for s in args.seeds] for p in trained}
     source = runs[trained[-1]]
-    for p in args.derive:
+    for p in [*args.derive, *args.variants]:
         runs[p] = [derived_run(config, p, s, src, args) for s, src in zip(args.seeds, source)]
-    return {p: runs[p] for p in args.protocols}
+    return {p: runs[p] for p in [*args.protocols, *args.variants]}
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """`LABEL:a.b=c,d.e=f` -> (LABEL, ["a.b=c", "d.e=f"])."""
+    label, sep, rest = text.partition(":")
+    overrides = [o for o in rest.split(",") if o]
+    if not sep or not label or not overrides or any("=" not in o for o in overrides):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected LABEL:a.b=c[,d.e=f]")
+    return label, overrides
 
 
 def spread(values: list[float], digits: int = 4) -> str:
@@ -100,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["mmrec", "patient"])
     p.add_argument("--derive", nargs="+", default=[], choices=["mmrec", "patient"],
                    help="protocols replayed from the last trained protocol's runs, not trained")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[],
+                   metavar="LABEL:a.b=c[,d.e=f]",
+                   help="another stopping rule, replayed like --derive (repeatable), e.g. "
+                   "'r0.25:eval.protocol=patient,eval.patience_ratio=0.25'")
     p.add_argument("--metric", default="recall@20")
     p.add_argument("--set", action="append", default=[], metavar="a.b=c",
                    help="config override for every run (repeatable)")
@@ -110,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.derive) - set(args.protocols)
     if unknown:
         p.error(f"--derive {sorted(unknown)} not among --protocols")
+    args.variants = dict(args.variant)
+    if set(args.variants) & set(args.protocols):
+        p.error("a --variant label must differ from the protocol names")
     rows = []
     for c in args.config:
-        rows += [row(config_name(c), proto + (" (derived)" if proto in args.derive else ""), runs,
+        derived = {*args.derive, *args.variants}
+        rows += [row(config_name(c), proto + (" (derived)" if proto in derived else ""), runs,
                      args.metric) for proto, runs in config_runs(c, args).items()]
     m = args.metric
     print(f"\n| config | protocol | seeds | test {m} mean ± std (min-max) | valid {m} | "

@@ -1,6 +1,7 @@
 """bench.seeds on a tiny config: one row per protocol with the seed spread, runs reused."""
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -71,3 +72,27 @@ def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
     assert "(resuming)" not in full
     assert resumed.split("| config")[1] == full.split("| config")[1]
     assert read_metrics(cut).epochs_run == 6
+
+
+def test_variant_rules_are_replayed_from_the_same_runs(tmp_path, capsys):
+    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
+    config = tmp_path / "cfg" / "tiny.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({
+        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+        "optim": {"batch_size": 64, "epochs": 12},
+        "eval": {"ks": [20], "patience": 0, "min_epochs": 8}}))
+    base = ["--config", str(config), "--seeds", "0", "--out", str(tmp_path / "out"),
+            "--protocols", "patient"]
+    assert seeds.main([*base, "--variant", "same:eval.protocol=patient",
+                       "--variant", "short:eval.protocol=patient,eval.min_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("training cfg/tiny") == 1
+    row = lambda name: next(line for line in out.splitlines()
+                            if line.startswith(f"| cfg/tiny | {name}")).split("|")[3:]
+    assert row("same (derived)") == row("patient |")
+    assert int(row("short (derived)")[-2]) <= 3       # epochs run under min_epochs 2
+    with pytest.raises(SystemExit, match="trains past"):   # a rule longer than the runs
+        seeds.main([*base, "--variant", "long:eval.protocol=patient,eval.min_epochs=20"])
+    with pytest.raises(SystemExit):
+        seeds.main([*base, "--variant", "no-overrides"])
