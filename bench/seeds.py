@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from scipy import stats
 
 from bench.common import ROOT
 from train.config import load_config
@@ -99,10 +100,22 @@ def spread(values: list[float], digits: int = 4) -> str:
             f"({min(values):.{digits}f}-{max(values):.{digits}f})")
 
 
-def row(name: str, protocol: str, runs: list[RunMetrics], metric: str) -> str:
-    """One markdown row: test and valid metric spreads, best epochs, epochs run."""
+def paired(runs: list[RunMetrics], base: list[RunMetrics], metric: str) -> str:
+    """Test difference to the base rule, paired by seed: mean ± std and the paired t-test's p."""
+    diffs = [r.test[metric] - b.test[metric] for r, b in zip(runs, base)]
+    if runs is base or len(diffs) < 2:
+        return "-"
+    std = statistics.stdev(diffs)
+    p = stats.ttest_rel([r.test[metric] for r in runs], [b.test[metric] for b in base]).pvalue
+    return f"{statistics.mean(diffs):+.4f} ± {std:.4f}" + (f", p {p:.3f}" if std > 0 else "")
+
+
+def row(name: str, protocol: str, runs: list[RunMetrics], base: list[RunMetrics],
+        metric: str) -> str:
+    """One markdown row: test and valid metric spreads, the paired test difference to the
+    first rule, best epochs, epochs run."""
     return (f"| {name} | {protocol} | {len(runs)} | {spread([r.test[metric] for r in runs])} | "
-            f"{spread([r.valid[metric] for r in runs])} | "
+            f"{paired(runs, base, metric)} | {spread([r.valid[metric] for r in runs])} | "
             f"{', '.join(str(r.best_epoch) for r in runs)} | "
             f"{', '.join(str(r.epochs_run) for r in runs)} |")
 
@@ -137,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in args.config:
         derived = {*args.derive, *args.variants}
+        table = config_runs(c, args)
+        base = next(iter(table.values()))
         rows += [row(config_name(c), proto + (" (derived)" if proto in derived else ""), runs,
-                     args.metric) for proto, runs in config_runs(c, args).items()]
+                     base, args.metric) for proto, runs in table.items()]
     m = args.metric
-    print(f"\n| config | protocol | seeds | test {m} mean ± std (min-max) | valid {m} | "
-          "best epochs | epochs run |\n" + "|---" * 7 + "|")
+    print(f"\n| config | rule | seeds | test {m} mean ± std (min-max) | test vs first rule, "
+          f"paired | valid {m} | best epochs | epochs run |\n" + "|---" * 8 + "|")
     print("\n".join(rows))
     return 0
 
