@@ -5,7 +5,8 @@ Usage: .venv/bin/python -m bench.coldstart_table [--datasets ml100k syn2k] [--se
 - ml100k_image: `configs/ml100k/coldstart_image.yaml` (poster only, EfficientNet-Lite0) on the same.
 - syn2k: a 2,000-user x 1,000-item synthetic catalogue (`train.synthetic`, seed 11) with
   `configs/demo.yaml` and MMRec's patience 20 (the demo's 10 is for a 3-minute demo).
-Finished runs under --out are reused (--rerun ignores them).
+Stage 1 stops under MMRec's rule (`eval.protocol=mmrec`). Finished runs under --out are reused
+(--rerun ignores them).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, SHARED_DATA
+from bench.common import MMREC_RULE, ROOT, SHARED_DATA
 from train.run import METRICS, read_metrics
 
 from bench.common import fmt
@@ -33,7 +34,8 @@ def run_one(dataset: str, seed: int, args) -> dict:
     out = args.out / dataset / str(seed)
     if (out / METRICS).is_file() and not args.rerun:
         return read_metrics(out).model_dump()
-    overrides = [f"seed={seed}"] + ([f"threads={args.threads}"] if args.threads else [])
+    overrides = [MMREC_RULE, f"seed={seed}"] + ([f"threads={args.threads}"] if args.threads
+                                                else [])
     overrides += args.overrides
     if dataset.startswith("ml100k"):
         config = ROOT / "configs" / "ml100k" / f"{dataset.replace('ml100k', 'coldstart')}.yaml"

@@ -24,6 +24,9 @@ from train.run import METRICS, read_metrics, write_metrics
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"   # the benchmark datasets (not in a clone)
 STAGE2_CONFIGS = ROOT / "configs" / "ml100k" / "stage2"
+# The tables set beside MMRec's figures (peers, earlier results) train stage 1 under MMRec's exact
+# stopping rule, not the default `patient` one; a later --set may still override it.
+MMREC_RULE = "eval.protocol=mmrec"
 
 
 def peak_memory_mib() -> float:
@@ -78,7 +81,7 @@ def stage1_run(backbone: str, seed: int, args) -> Path:
     """The finished stage-1 run of a ml100k config and seed (trained here when missing)."""
     out = args.stage1_root / backbone / str(seed)
     if not (out / METRICS).is_file():
-        overrides = [f"seed={seed}", f"data.path={args.data}"]
+        overrides = [MMREC_RULE, f"seed={seed}", f"data.path={args.data}"]
         overrides += [f"threads={args.threads}"] if args.threads else []
         print(f"training stage 1: {backbone} seed {seed} -> {out}", flush=True)
         run_in_child("stage1", {"config": str(ROOT / "configs" / "ml100k" / f"{backbone}.yaml"),

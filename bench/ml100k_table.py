@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python -m bench.ml100k_table [--configs bpr lightgcn ...] [--seeds 999 1000 1001]
        [--set optim.epochs=20 ...] (overrides for every config, e.g. a CPU epoch budget)
-Reads ../shared/data/ml100k_mm (override with --data); results per run under --out.
+Reads ../shared/data/ml100k_mm (override with --data); results per run under --out. Stage 1 stops
+under MMRec's rule (`eval.protocol=mmrec`), as the peers it is compared with.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, SHARED_DATA
+from bench.common import MMREC_RULE, ROOT, SHARED_DATA
 from train.run import METRICS, read_metrics, write_metrics
 
 from bench.common import fmt
@@ -30,8 +31,8 @@ def run_one(name: str, seed: int, args) -> dict:
     out = args.out / name / str(seed)
     if (out / METRICS).is_file() and not args.rerun:
         return read_metrics(out).model_dump()
-    overrides = [f"seed={seed}", f"data.path={args.data}"] + (["threads=" + str(args.threads)]
-                                                             if args.threads else [])
+    overrides = [MMREC_RULE, f"seed={seed}", f"data.path={args.data}"]
+    overrides += [f"threads={args.threads}"] if args.threads else []
     overrides += args.overrides
     cfg = load_config(ROOT / "configs" / "ml100k" / f"{name}.yaml", overrides)
     start = time.perf_counter()

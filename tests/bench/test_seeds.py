@@ -36,7 +36,7 @@ def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
         "optim": {"batch_size": 64, "epochs": 12},
-        "eval": {"ks": [20], "patience": 0, "min_epochs": 8}}))
+        "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "min_epochs": 8}}))
     out = tmp_path / "out"
     base = ["--config", str(config), "--seeds", "0", "1", "--out", str(out)]
     assert seeds.main([*base, "--derive", "mmrec"]) == 0
@@ -81,7 +81,7 @@ def test_variant_rules_are_replayed_from_the_same_runs(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
         "optim": {"batch_size": 64, "epochs": 12},
-        "eval": {"ks": [20], "patience": 0, "min_epochs": 8}}))
+        "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "min_epochs": 8}}))
     base = ["--config", str(config), "--seeds", "0", "--out", str(tmp_path / "out"),
             "--protocols", "patient"]
     assert seeds.main([*base, "--variant", "same:eval.protocol=patient",

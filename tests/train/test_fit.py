@@ -25,7 +25,7 @@ def _cfg(data: Path, name: str = "lightgcn", epochs: int = 6, patience: int = 20
     return TrainConfig.model_validate({
         "seed": 3, "data": {"path": str(data)}, "backbone": {"name": name},
         "optim": {"batch_size": 128, "epochs": epochs, "learning_rate": 0.01},
-        "eval": {"ks": [10, 20], "patience": patience}})
+        "eval": {"ks": [10, 20], "protocol": "mmrec", "patience": patience}})
 
 
 def test_run_dir_contents(tiny_dataset_dir, tmp_path):

@@ -11,15 +11,24 @@ from train.stage1 import run_stage1
 from train.synthetic import generate
 
 
+def test_default_rule_is_patient_with_patience_30_after_50_epochs():
+    cfg = EvalConfig()
+    assert cfg.protocol == "patient"
+    assert not cfg.stops(epoch=49, best_epoch=5, bad_evals=44)     # before min_epochs
+    assert not cfg.stops(epoch=60, best_epoch=29, bad_evals=30)
+    assert cfg.stops(epoch=60, best_epoch=28, bad_evals=31)
+    assert cfg.stops(epoch=900, best_epoch=800, bad_evals=31)       # no growth by default
+
+
 def test_mmrec_rule_is_plain_patience():
-    cfg = EvalConfig(patience=20)
+    cfg = EvalConfig(patience=20, protocol="mmrec")
     assert not cfg.stops(epoch=30, best_epoch=9, bad_evals=20)
     assert cfg.stops(epoch=30, best_epoch=9, bad_evals=21)
     assert cfg.stops(epoch=500, best_epoch=400, bad_evals=21)
 
 
 def test_patient_rule_waits_for_min_epochs_and_grows_with_the_best_epoch():
-    cfg = EvalConfig(patience=20, protocol="patient", min_epochs=50, patience_ratio=0.5)
+    cfg = EvalConfig(patient_patience=20, protocol="patient", min_epochs=50, patience_ratio=0.5)
     assert not cfg.stops(epoch=40, best_epoch=5, bad_evals=34)      # before min_epochs
     assert cfg.stops(epoch=50, best_epoch=5, bad_evals=44)
     assert not cfg.stops(epoch=500, best_epoch=400, bad_evals=150)  # patience 200 at epoch 400
@@ -33,7 +42,8 @@ def test_patient_protocol_trains_at_least_min_epochs(tmp_path):
         cfg = TrainConfig.model_validate({
             "seed": 0, "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
             "optim": {"batch_size": 64, "epochs": 12},
-            "eval": {"ks": [20], "patience": 0, "protocol": protocol, "min_epochs": 8}})
+            "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "protocol": protocol,
+                     "min_epochs": 8}})
         run_stage1(cfg, tmp_path / protocol, torch.device("cpu"))
         return read_metrics(tmp_path / protocol)
 
@@ -57,21 +67,22 @@ def _history(valid: list[float]) -> list[dict]:
 
 def test_replay_selects_what_the_rule_would_have_stopped_at():
     history = _history([0.1, 0.2, 0.15, 0.15, 0.15, 0.3, 0.1, 0.1, 0.1, 0.1])
-    mmrec = EvalConfig(ks=[20], patience=2)
+    mmrec = EvalConfig(ks=[20], patience=2, protocol="mmrec")
     got = replay_stopping(history, "recall@20", mmrec.stops, max_epochs=100)
     assert got == {"best_epoch": 1, "epochs_run": 5, "valid": {"recall@20": 0.2},
                    "test": {"recall@20": 0.1}}
-    patient = EvalConfig(ks=[20], patience=2, protocol="patient", min_epochs=6)
+    patient = EvalConfig(ks=[20], patient_patience=2, protocol="patient", min_epochs=6)
     got = replay_stopping(history, "recall@20", patient.stops, max_epochs=100)
     assert (got["best_epoch"], got["epochs_run"], got["test"]) == (5, 9, {"recall@20": 0.15})
 
 
 def test_replay_refuses_a_rule_that_trains_past_the_history():
     history = _history([0.1, 0.2, 0.15, 0.15])
+    rule = EvalConfig(ks=[20], patience=5, protocol="mmrec").stops
     with pytest.raises(ValueError, match="past the 4 recorded epochs"):
-        replay_stopping(history, "recall@20", EvalConfig(ks=[20], patience=5).stops, 100)
+        replay_stopping(history, "recall@20", rule, 100)
     # a history that ran to max_epochs is complete for any rule
-    got = replay_stopping(history, "recall@20", EvalConfig(ks=[20], patience=5).stops, 4)
+    got = replay_stopping(history, "recall@20", rule, 4)
     assert (got["best_epoch"], got["epochs_run"]) == (1, 4)
 
 
@@ -83,7 +94,8 @@ def test_mmrec_replayed_from_a_patient_run_equals_a_real_mmrec_run(tmp_path):
             "seed": 2, "data": {"path": str(data)},
             "backbone": {"name": "lightgcn", "embedding_size": 8},
             "optim": {"batch_size": 64, "epochs": 30},
-            "eval": {"ks": [20], "patience": 1, "protocol": protocol, "min_epochs": 20}})
+            "eval": {"ks": [20], "patience": 1, "patient_patience": 1, "protocol": protocol,
+                     "min_epochs": 20}})
         run_stage1(cfg, tmp_path / protocol, torch.device("cpu"))
         return cfg, read_metrics(tmp_path / protocol)
 
