@@ -12,13 +12,19 @@ from train.stage1 import run_stage1
 from train.synthetic import generate
 
 
-def test_table_rows_and_reuse(tmp_path, capsys):
+def _tiny_config(tmp_path, epochs: int, eval_cfg: dict):
+    """A BPR config on a 40 x 30 synthetic catalogue, at tmp_path/cfg/tiny.yaml (name cfg/tiny)."""
     data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
     config = tmp_path / "cfg" / "tiny.yaml"
     config.parent.mkdir()
     config.write_text(yaml.safe_dump({
         "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
-        "optim": {"batch_size": 64, "epochs": 3}, "eval": {"ks": [20], "min_epochs": 3}}))
+        "optim": {"batch_size": 64, "epochs": epochs}, "eval": {"ks": [20], **eval_cfg}}))
+    return config
+
+
+def test_table_rows_and_reuse(tmp_path, capsys):
+    config = _tiny_config(tmp_path, 3, {"min_epochs": 3})
     argv = ["--config", str(config), "--seeds", "0", "1", "--out", str(tmp_path / "out")]
     assert seeds.main(argv) == 0
     first = capsys.readouterr().out
@@ -30,13 +36,7 @@ def test_table_rows_and_reuse(tmp_path, capsys):
 
 
 def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
-    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "cfg" / "tiny.yaml"
-    config.parent.mkdir()
-    config.write_text(yaml.safe_dump({
-        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
-        "optim": {"batch_size": 64, "epochs": 12},
-        "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "min_epochs": 8}}))
+    config = _tiny_config(tmp_path, 12, {"patience": 0, "patient_patience": 0, "min_epochs": 8})
     out = tmp_path / "out"
     base = ["--config", str(config), "--seeds", "0", "1", "--out", str(out)]
     assert seeds.main([*base, "--derive", "mmrec"]) == 0
@@ -53,12 +53,7 @@ def test_derived_protocol_is_replayed_not_trained(tmp_path, capsys):
 
 
 def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
-    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "cfg" / "tiny.yaml"
-    config.parent.mkdir()
-    config.write_text(yaml.safe_dump({
-        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
-        "optim": {"batch_size": 64, "epochs": 6}, "eval": {"ks": [20], "patience": 20}}))
+    config = _tiny_config(tmp_path, 6, {"patience": 20})
     cfg = load_config(config, ["seed=0", "eval.protocol=mmrec"])
     cut = tmp_path / "cut" / "cfg" / "tiny" / "mmrec" / "0"
     run_stage1(cfg, cut, torch.device("cpu"), max_epochs_this_call=2)
@@ -75,13 +70,7 @@ def test_unfinished_run_resumes_to_the_uninterrupted_figures(tmp_path, capsys):
 
 
 def test_variant_rules_are_replayed_from_the_same_runs(tmp_path, capsys):
-    data = generate(tmp_path / "data", n_users=40, n_items=30, seed=0)
-    config = tmp_path / "cfg" / "tiny.yaml"
-    config.parent.mkdir()
-    config.write_text(yaml.safe_dump({
-        "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
-        "optim": {"batch_size": 64, "epochs": 12},
-        "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "min_epochs": 8}}))
+    config = _tiny_config(tmp_path, 12, {"patience": 0, "patient_patience": 0, "min_epochs": 8})
     base = ["--config", str(config), "--seeds", "0", "--out", str(tmp_path / "out"),
             "--protocols", "patient"]
     assert seeds.main([*base, "--variant", "same:eval.protocol=patient",
