@@ -7,12 +7,12 @@ and the best epochs, optionally under several early-stopping protocols side by s
 
 Each (protocol, seed) run lives under --out/<config folder>/<config stem>/<protocol>/<seed> (e.g.
 ml100k/lightgcn/patient/1) and is reused when finished with the same resolved config; an
-unfinished one resumes from its checkpoint. Test
-figures are the ones at the best validation epoch. The --derive protocols are not trained: their
-figures are replayed exactly from the per-epoch history of the last trained protocol's run of the
-same seed (train.fit.replay_stopping; training up to an epoch does not depend on the stopping
-rule), which must stop no earlier. A --variant is another rule (config overrides under a label)
-replayed the same way, so candidate rules are compared on the very same training curves.
+unfinished one resumes from its checkpoint. Test figures are the ones at the best validation
+epoch. The --derive protocols are not trained: their figures are replayed exactly from the
+per-epoch history of the last trained protocol's run of the same seed (train.fit.replay_stopping;
+training up to an epoch does not depend on the stopping rule), which must stop no earlier. A
+--variant is another rule (config overrides under a label) replayed the same way, so candidate
+rules are compared on the very same training curves.
 """
 from __future__ import annotations
 
