@@ -66,7 +66,7 @@ def derived_run(config: Path, protocol: str, seed: int, source: RunMetrics,
                          "(--rerun)")
     try:
         replayed = replay_stopping(history, cfg.eval.valid_metric, cfg.eval.stops,
-                                   cfg.optim.epochs)
+                                   cfg.optim.epochs, cfg.eval.improves)
     except ValueError as e:
         raise SystemExit(f"{config_name(config)} seed {seed}, {protocol}: {e}") from None
     return RunMetrics.model_validate(replayed)

@@ -48,10 +48,11 @@ class EvalConfig(Strict):
 
     protocol `patient` (the default): never stop before `min_epochs` epochs; after that, stop once
     more than max(`patient_patience`, `patience_ratio` x best epoch) validations in a row did not
-    strictly improve `valid_metric`. `mmrec` (MMRec's rule, exact for peer comparisons): stop once
-    more than `patience` validations in a row did not strictly improve it, from epoch 0. The
-    default was chosen on 5 seeds of 5 models (docs/training.md#evaluation-protocol). Neither
-    looks at test: test is only evaluated at each new best validation epoch."""
+    improve `valid_metric` (strictly, or by more than `min_delta` of the best; 0 by default).
+    `mmrec` (MMRec's rule, exact for peer comparisons): stop once more than `patience`
+    validations in a row did not strictly improve it, from epoch 0. The default was chosen on 5
+    seeds of 5 models (docs/training.md#evaluation-protocol). Neither looks at test: test is only
+    evaluated at each new best validation epoch."""
 
     ks: list[int] = [10, 20, 50]
     valid_metric: str = Field("recall@20", pattern=METRIC_PATTERN)
@@ -63,6 +64,8 @@ class EvalConfig(Strict):
                                   "improvement tolerated once min_epochs have passed")
     patience_ratio: float = Field(0.0, ge=0.0, description="patient: tolerate at least this "
                                   "share of the best epoch (0.5 trains far longer; see the docs)")
+    min_delta: float = Field(0.0, ge=0.0, description="patient: a new best must beat the old one "
+                             "by this share of it (0.01 = 1%); mmrec: always 0")
     batch_size: int = Field(4096, ge=1)
 
     def patience_at(self, best_epoch: int) -> int:
@@ -70,6 +73,12 @@ class EvalConfig(Strict):
         if self.protocol == "mmrec":
             return self.patience
         return max(self.patient_patience, int(self.patience_ratio * max(best_epoch, 0)))
+
+    def improves(self, score: float, best: float) -> bool:
+        """Whether a validation `score` is a new best over `best` under this protocol."""
+        if self.protocol == "patient" and self.min_delta and best > 0:
+            return score > best * (1.0 + self.min_delta)
+        return score > best
 
     def stops(self, epoch: int, best_epoch: int, bad_evals: int) -> bool:
         """Whether training stops before `epoch` (0-based) under this protocol."""

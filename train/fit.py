@@ -100,10 +100,12 @@ def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[in
                on_best: Callable[[int, dict[str, float]], dict[str, float]], metric: str,
                stops: Callable[[int, int, int], bool],
                after_epoch: Callable[[FitState], None] | None = None,
-               desc: str = "epochs") -> FitState:
-    """The early-stopped loop of both stages: train an epoch, validate, and on a strict
-    improvement of `metric` call `on_best` (it saves the state and returns the test figures);
-    stop when `stops(epoch, best_epoch, validations without improvement)` says so."""
+               desc: str = "epochs",
+               improves: Callable[[float, float], bool] = float.__gt__) -> FitState:
+    """The early-stopped loop of both stages: train an epoch, validate, and when `metric`
+    improves on the best (`improves(score, best)`, by default strictly) call `on_best` (it saves
+    the state and returns the test figures); stop when `stops(epoch, best_epoch, validations
+    without improvement)` says so."""
     bar = tqdm(epochs, desc=desc, unit="ep", dynamic_ncols=True, disable=not distributed.is_main())
     for epoch in bar:
         if stops(epoch, state.best_epoch, state.bad_evals):
@@ -116,7 +118,7 @@ def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[in
         record = {"epoch": epoch, "loss": loss, "valid": valid,
                   "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1}
         score = valid[metric]
-        if score > state.best_valid:
+        if improves(float(score), float(state.best_valid)):
             state.best_valid, state.best_epoch, state.bad_evals = score, epoch, 0
             state.best_valid_metrics = valid
             state.best_test_metrics = record["test"] = on_best(epoch, valid)
@@ -132,11 +134,14 @@ def run_epochs(epochs: Iterable[int], state: FitState, train_epoch: Callable[[in
 
 
 def replay_stopping(history: list[dict], metric: str, stops: Callable[[int, int, int], bool],
-                    max_epochs: int) -> dict:
+                    max_epochs: int,
+                    improves: Callable[[float, float], bool] = float.__gt__) -> dict:
     """What run_epochs would have selected under another stopping rule, from a longer run's
     per-epoch history (valid every epoch, test at each new best): best_epoch, valid, test and
     epochs_run. Exact because training up to an epoch does not depend on the stopping rule;
-    ValueError when the rule would have trained past the end of the history."""
+    ValueError when the rule would have trained past the end of the history. A rule whose
+    `improves` is stricter than the recorded run's (a min_delta) selects only epochs that were
+    strict improvements there too, so their test figures are in the history."""
     best, best_epoch, bad, chosen, epochs_run = -math.inf, -1, 0, None, 0
     for i, record in enumerate(history):
         if record["epoch"] != i:
@@ -144,7 +149,10 @@ def replay_stopping(history: list[dict], metric: str, stops: Callable[[int, int,
                              f"at position {i})")
         if stops(i, best_epoch, bad):
             break
-        if record["valid"][metric] > best:
+        if improves(float(record["valid"][metric]), float(best)):
+            if "test" not in record:
+                raise ValueError(f"epoch {i} is a new best under this rule but was not one in the "
+                                 "recorded run, so its test figures were not evaluated")
             best, best_epoch, bad, chosen = record["valid"][metric], i, 0, record
         else:
             bad += 1
@@ -211,4 +219,5 @@ def fit(model: Backbone, dataset: Dataset, optim_cfg: OptimConfig, eval_cfg: Eva
 
     return run_epochs(epochs, state, train_epoch, lambda e: evaluate_model(model, valid_eval),
                       on_best, eval_cfg.valid_metric, eval_cfg.stops,
-                      lambda st: _save(run_dir, modules, optimizer, scheduler, generator, st))
+                      lambda st: _save(run_dir, modules, optimizer, scheduler, generator, st),
+                      improves=eval_cfg.improves)

@@ -106,3 +106,35 @@ def test_mmrec_replayed_from_a_patient_run_equals_a_real_mmrec_run(tmp_path):
                           mmrec_cfg.optim.epochs)
     assert got == {"best_epoch": mmrec.best_epoch, "epochs_run": mmrec.epochs_run,
                    "valid": mmrec.valid, "test": mmrec.test}
+
+
+def test_min_delta_needs_a_relative_gain_and_replays_exactly(tmp_path):
+    cfg = EvalConfig(protocol="patient", min_delta=0.01)
+    assert cfg.improves(0.1011, 0.1) and not cfg.improves(0.1009, 0.1)
+    assert cfg.improves(0.05, float("-inf"))
+    assert EvalConfig(protocol="mmrec", min_delta=0.01).improves(0.1001, 0.1)   # mmrec: strict
+    data = generate(tmp_path / "data", n_users=60, n_items=40, seed=1)
+
+    def run(name: str, **eval_cfg):
+        cfg = TrainConfig.model_validate({
+            "seed": 2, "data": {"path": str(data)},
+            "backbone": {"name": "lightgcn", "embedding_size": 8},
+            "optim": {"batch_size": 64, "epochs": 30},
+            "eval": {"ks": [20], "protocol": "patient", "min_epochs": 0, **eval_cfg}})
+        run_stage1(cfg, tmp_path / name, torch.device("cpu"))
+        return cfg, read_metrics(tmp_path / name)
+
+    _, plain = run("plain", patient_patience=30)
+    delta_cfg, delta = run("delta", patient_patience=2, min_delta=0.05)
+    assert delta.epochs_run < plain.epochs_run
+    got = replay_stopping(plain.history, "recall@20", delta_cfg.eval.stops,
+                          delta_cfg.optim.epochs, delta_cfg.eval.improves)
+    assert got == {"best_epoch": delta.best_epoch, "epochs_run": delta.epochs_run,
+                   "valid": delta.valid, "test": delta.test}
+    # the other way round: epoch 1 gains 0.5%, so a 1% min_delta run did not test it
+    history = [{"epoch": 0, "valid": {"recall@20": 0.1}, "test": {"recall@20": 0.05}},
+               {"epoch": 1, "valid": {"recall@20": 0.1005}},
+               {"epoch": 2, "valid": {"recall@20": 0.2}, "test": {"recall@20": 0.1}}]
+    strict = EvalConfig(ks=[20], protocol="patient")
+    with pytest.raises(ValueError, match="epoch 1 is a new best under this rule"):
+        replay_stopping(history, "recall@20", strict.stops, 3, strict.improves)
