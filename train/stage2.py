@@ -27,10 +27,10 @@ each group tunes its own copy of the PEFT parameters and heads on batches of its
 
 The tuning step (encoding, the tuning losses, one epoch) is train/tuning.py.
 
-Under `torchrun --nproc_per_node N -m train.stage2 --stage1 RUN ... [--resume]` every rank trains
-its part of each batch, encodes its part of the tuning batch's items and of the catalogue, and evaluates its
-share of the users (train/tuning.py, train/distributed.py); rank 0 alone writes OUT. Every epoch
-ends with a checkpoint that `--resume` (and so torchrun's `--max-restarts`) continues from.
+Under `torchrun --nproc_per_node N -m train.stage2 --stage1 RUN ... [--resume]` each rank trains
+its part of each batch, encodes its part of the tuning batch's items and of the catalogue, and
+scores its share of the users (train/tuning.py, train/distributed.py); rank 0 alone writes OUT.
+Each epoch ends with a checkpoint that `--resume` (and torchrun's `--max-restarts`) resumes.
 
 `python -m train.stage2 --run STAGE1_RUN [--config STAGE2.yaml] [--set a.b=c] --out RUN_DIR
 [--resume]` (`--stage1 STAGE1_RUN` is the same as `--run`, and the spelling torchrun accepts)

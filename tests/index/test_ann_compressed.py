@@ -1,4 +1,5 @@
-"""index.ann on compressed factories (IVF-SQ8, IVF-PQ with a refine step, OPQ) for large catalogues."""
+"""index.ann on compressed factories (IVF-SQ8, IVF-PQ with a refine step, OPQ) for large
+catalogues."""
 from __future__ import annotations
 
 import numpy as np

@@ -40,7 +40,8 @@ def test_patient_protocol_trains_at_least_min_epochs(tmp_path):
 
     def run(protocol: str):
         cfg = TrainConfig.model_validate({
-            "seed": 0, "data": {"path": str(data)}, "backbone": {"name": "bpr", "embedding_size": 8},
+            "seed": 0, "data": {"path": str(data)},
+            "backbone": {"name": "bpr", "embedding_size": 8},
             "optim": {"batch_size": 64, "epochs": 12},
             "eval": {"ks": [20], "patience": 0, "patient_patience": 0, "protocol": protocol,
                      "min_epochs": 8}})
